@@ -1,0 +1,30 @@
+# MegaComet in Python. The runtime needs only the standard library; these targets
+# manage the pinned dev tools in .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: test lint run bench-memory bench-cpu check clean
+
+$(VENV)/.installed: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest
+
+run:
+	$(PYTHON) manager.py
+
+check:
+	$(PYTHON) tuning/check.py
+
+bench-memory: $(VENV)/.installed
+	$(PY) bench/memory.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
