@@ -1,9 +1,98 @@
-"""MegaComet worker: holds long-poll connections and the message queues of the ids it owns.
-(work in progress: the full worker lands in the next commit)"""
+"""MegaComet worker: one process per core, holding long-poll connections on raw epoll.
 
+The manager (manager.py) spawns W of these. Worker n inherits two file descriptors:
+the listening socket of comet port base+n (fd 3), which the manager created and keeps, so a
+restarted worker serves the same port and connections that arrive meanwhile wait in the
+backlog; and its link to the manager (fd 4), a UNIX stream socket carrying app messages in and
+stats out. The worker exits when the link closes.
+
+Theory of operation
+-------------------
+A comet connection lives through these states, kept in `state[fd]`, a list indexed by fd
+(as Redis does), so that per-connection bookkeeping is one slot in a preallocated array:
+
+    accept ──> READING (head incomplete: buffer in `reading`, deadline --header-timeout)
+                 │ whole head parsed
+                 ├──> answered at once (307, queued message, /_info, error) ──> closed
+                 └──> waiting: state[fd] is the id (bytes); `waiters[id]` holds the fd
+                        │ message / broadcast / 409 / --poll-timeout
+                        └──> answered ──> closed (or WRITING until the answer is flushed)
+
+Errors are answered, then the write side is shut and the socket is drained for a moment
+(LINGER) before closing, so the client reads the error instead of a reset.
+
+Invariants:
+- `state[fd]` is None exactly when fd is not an open connection of ours; `close()` is the
+  only place that ends a connection, and calling it twice is harmless.
+- A waiting fd is in `waiters[state[fd]]`, and nowhere else holds it (no timers by default).
+- A message is either written to at least one live waiting connection or queued; it is never
+  written into a connection we have already seen close. Client events of a batch are handled
+  before the manager link, so a hang-up that arrived with a message is seen first.
+- Every queued message is in `queues[id]` and in `order` (arrival order, which is also expiry
+  order since the TTL is one value); `order` may hold tombstones of delivered/dropped ones.
+
+What an idle waiting connection costs (64-bit CPython 3.11, 6-byte id, measured by
+`make bench-memory`, see README):
+- `waiters` dict entry: 24 B entry + 4 B index slot, with the dict at 1/3–2/3 load: ~40 B
+- the id: a bytes object of 33 + len(id) bytes, rounded up by pymalloc to 16: 48 B
+- the fd as a value: ints above 256 are objects, so fds are interned in `FDS`, built at start
+  (preallocated, like `state`: 8 B + 32 B per fd slot up to the open-file limit): 0 B
+- `state[fd]` slot: preallocated: 0 B
+- epoll registration, socket buffers: kernel memory, not in the worker's RSS.
+About 90 B of worker RSS per waiting connection, against ~275 B for the C original and
+~2 KB for an asyncio Protocol-based worker.
+"""
+
+import argparse
+import errno
+import fcntl
+import json
+import os
 import re
+import resource
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import deque
+from typing import NamedTuple
 
+# ---------------------------------------------------------------------------------------------
+# Constants and limits
+# ---------------------------------------------------------------------------------------------
+
+LISTEN_FD = 3  # where the manager puts this worker's listening socket
+LINK_FD = 4  # where the manager puts this worker's end of the link
+EXIT_BOOT_ERROR = 3  # "cannot even start": the manager stops instead of restart-looping
+
+MAX_HEAD = 8192  # request head limit; over it is 431 (nginx's 8k header buffers, node's old 8 KiB)
+MAX_WAITERS_PER_ID = 4  # tabs sharing an id; a 5th pushes the oldest out with 409
+ACCEPTS_PER_TURN = 512  # so one busy listener cannot starve the connections we already hold
+LINK_READS_PER_TURN = 16  # link reads of LINK_READ_SIZE per turn, same reason
+LINK_READ_SIZE = 256 * 1024
+GARBAGE_READS = 4  # reads a waiting client may spend on bytes after its request
+LINGER_TIMEOUT = 2.0  # seconds an answered error connection is drained before it is closed
+EMFILE_BACKOFF = 0.5  # seconds the listener rests after accept() ran out of file descriptors
 ID_RE = re.compile(rb"[A-Za-z0-9_~-]{1,128}")
+CALLBACK_RE = re.compile(rb"[A-Za-z_$][A-Za-z0-9_$.]{0,63}")
+HOST_RE = re.compile(rb"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+# Connection states that are not "waiting on an id" (a waiting fd's state is its id, bytes).
+READING, WRITING, LINGER = 1, 2, 3
+
+# Link frames, manager <-> worker: kind, id length, payload length, then id and payload.
+LINK_HEAD = struct.Struct("!cBI")
+MSG, BROADCAST, STATS = b"M", b"B", b"S"
+
+EPOLL_CLIENT = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+
+
+# ---------------------------------------------------------------------------------------------
+# Ownership: which worker holds an id
+# ---------------------------------------------------------------------------------------------
 
 
 def x31(data: bytes) -> int:
@@ -23,3 +112,743 @@ def owner(id_: bytes, workers: int) -> int:
 
 def valid_id(id_: bytes) -> bool:
     return ID_RE.fullmatch(id_) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing: a pure function over bytes, no I/O
+# ---------------------------------------------------------------------------------------------
+
+
+class HTTPError(Exception):
+    """A request we refuse; carries the status to answer with and a one-line reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Request(NamedTuple):
+    method: bytes
+    path: bytes
+    query: bytes
+    version: bytes
+    headers: dict  # lower-case name -> value, both bytes
+
+
+def parse_request(buf: bytes, scanned: int = 0, limit: int = MAX_HEAD):
+    """Parse one request head from the start of `buf`.
+
+    Returns (Request, bytes used) when the head is whole, or (None, scanned) when more bytes
+    are needed: pass that `scanned` back next time, so the search for the blank line covers
+    only new bytes. Raises HTTPError for anything we refuse. Bare LF line ends are accepted,
+    as picohttpparser and nginx do.
+    """
+    if buf and not (65 <= buf[0] <= 90):
+        # A method starts with an upper-case letter; anything else (0x16, a TLS hello) is
+        # refused now rather than after the header timeout.
+        raise HTTPError(400, "not an HTTP request")
+    start = max(0, scanned - 3)
+    end = buf.find(b"\n\r\n", start)
+    end2 = buf.find(b"\n\n", start)
+    if end2 != -1 and (end == -1 or end2 < end):
+        used = end2 + 2
+    elif end != -1:
+        used = end + 3
+    else:
+        if len(buf) > limit:
+            raise HTTPError(431, f"request head over {limit} bytes")
+        return None, len(buf)
+    if used > limit:
+        raise HTTPError(431, f"request head over {limit} bytes")
+    lines = buf[:used].split(b"\n")
+    line = lines[0].rstrip(b"\r")
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise HTTPError(400, "malformed request line")
+    method, target, version = parts
+    if TOKEN_RE.fullmatch(method) is None:
+        raise HTTPError(400, "malformed method")
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        raise HTTPError(400, "only HTTP/1.0 and HTTP/1.1 are served")
+    if not target.startswith(b"/"):
+        raise HTTPError(400, "request target must be a path")
+    path, _, query = target.partition(b"?")
+    headers = {}
+    for raw in lines[1:-2]:
+        raw = raw.rstrip(b"\r")
+        name, colon, value = raw.partition(b":")
+        if not colon or TOKEN_RE.fullmatch(name) is None:
+            raise HTTPError(400, "malformed header line")
+        value = value.strip(b" \t")
+        if b"\r" in value or b"\x00" in value:
+            raise HTTPError(400, "control character in a header value")
+        name = name.lower()
+        if name in headers:
+            if name in (b"host", b"content-length", b"authorization"):
+                raise HTTPError(400, "repeated " + name.decode() + " header")
+            value = headers[name] + b", " + value
+        headers[name] = value
+    return Request(method, path, query, version, headers), used
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+# ---------------------------------------------------------------------------------------------
+
+TEXT = b"text/plain; charset=utf-8"
+JS = b"application/javascript"
+JSON = b"application/json"
+REASONS = {
+    200: b"OK", 204: b"No Content", 307: b"Temporary Redirect", 400: b"Bad Request",
+    401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed", 409: b"Conflict",
+    411: b"Length Required", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
+}
+
+
+def response_head(status: int, length: int, ctype: bytes, tail: bytes, extra: bytes = b"") -> bytes:
+    """`tail` is the per-worker constant part (Cache-Control, CORS, Connection: close)."""
+    return b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\nContent-Type: %s\r\n%s%s" % (
+        status, REASONS[status], length, ctype, extra, tail)
+
+
+def jsonp_body(callback: bytes, message: bytes) -> bytes:
+    text = json.dumps(message.decode("utf-8", "replace"))  # ASCII-only, U+2028 escaped
+    return callback + b"(" + text.encode() + b");"
+
+
+def location(req: Request, port: int, fd: int) -> bytes:
+    """The same URL on another port, on the host the client asked for (without a Host
+    header: the address it connected to)."""
+    host = req.headers.get(b"host")
+    if host:
+        if HOST_RE.fullmatch(host) is None:
+            raise HTTPError(400, "invalid Host header")
+        host = host[: host.index(b"]") + 1] if host.startswith(b"[") else host.split(b":")[0]
+    else:
+        sock = socket.socket(fileno=fd)
+        try:
+            addr = sock.getsockname()[0]
+        finally:
+            sock.detach()
+        host = (b"[%s]" if ":" in addr else b"%s") % addr.encode()
+    target = req.path + (b"?" + req.query if req.query else b"")
+    return b"http://%s:%d%s" % (host, port, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: state, queues, event loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, opts, listener: socket.socket, link_fd: int):
+        self.n = opts.worker
+        self.workers = opts.workers
+        self.base_port = opts.base_port
+        self.queue_ttl = opts.queue_ttl
+        self.queue_max = opts.queue_max
+        self.queue_bytes_max = opts.queue_bytes
+        self.poll_timeout = opts.poll_timeout
+        self.header_timeout = opts.header_timeout
+        self.tail = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: %s\r\n"
+                     b"Connection: close\r\n\r\n" % opts.cors_origin.encode())
+        self.info = json.dumps({"worker": self.n, "workers": self.workers,
+                                "base_port": self.base_port}).encode()
+
+        self.listener = listener
+        self.listen_fd = listener.fileno()
+        self.link_fd = link_fd
+        self.epoll = select.epoll()
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_limit = nofile if nofile != resource.RLIM_INFINITY else 1 << 20
+        self.state: list = [None] * self.fd_limit  # fd -> None | READING | WRITING | LINGER | id
+        self.fds = list(range(self.fd_limit))  # interned fd ints (see the module docstring)
+
+        self.waiters: dict = {}  # id -> fd, or list of up to 4 fds (oldest first)
+        self.reading: dict = {}  # fd -> [deadline, bytes so far, scanned]; accept order
+        self.poll_deadlines: dict = {}  # fd -> deadline, only with --poll-timeout; wait order
+        self.lingering: dict = {}  # fd -> deadline; answered errors being drained
+        self.outbuf: dict = {}  # fd -> bytes not yet written (the answer, then close)
+        self.jsonp: dict = {}  # fd -> callback name, for the few waiting JSONP polls
+
+        self.queues: dict = {}  # id -> [entry, ...] oldest first; entry = [expiry, id, message]
+        self.order: deque = deque()  # every queued entry in arrival (= expiry) order
+        self.link_in = b""
+        self.link_out = b""
+        self.link_hot = False  # the link had more to read when the per-turn cap stopped us
+        self.accept_hot = False  # same for the listener
+        self.accept_paused_until = 0.0  # EMFILE: listener unwatched until then
+
+        # Counters, reported to the manager.
+        self.connections = 0
+        self.waiting = 0
+        self.accepted = 0
+        self.queued_messages = 0
+        self.queued_bytes = 0
+        self.delivered = 0
+        self.expired = 0
+        self.dropped = 0
+        self.rejected = 0
+        self.last_emfile_log = 0.0
+
+    # -- the one close path ------------------------------------------------------------------
+
+    def close(self, fd: int) -> None:
+        s = self.state[fd]
+        if s is None:
+            return
+        if s.__class__ is bytes:
+            self.forget_waiter(fd, s)
+        elif s == READING:
+            del self.reading[fd]
+        elif s == LINGER:
+            self.lingering.pop(fd, None)
+        self.outbuf.pop(fd, None)
+        self.state[fd] = None
+        self.connections -= 1
+        os.close(fd)  # also removes it from the epoll set: nothing else holds this file
+
+    def forget_waiter(self, fd: int, id_: bytes) -> None:
+        w = self.waiters[id_]
+        if w.__class__ is int:
+            del self.waiters[id_]
+        else:
+            w.remove(fd)
+            if len(w) == 1:
+                self.waiters[id_] = w[0]
+        self.waiting -= 1
+        if self.poll_deadlines:
+            self.poll_deadlines.pop(fd, None)
+        if self.jsonp:
+            self.jsonp.pop(fd, None)
+
+    # -- writing answers ---------------------------------------------------------------------
+
+    def answer(self, fd: int, data: bytes) -> bool:
+        """Write a whole answer and close; False if the peer is already gone."""
+        s = self.state[fd]
+        if s.__class__ is bytes:
+            self.forget_waiter(fd, s)
+        self.state[fd] = WRITING
+        try:
+            n = os.write(fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self.close(fd)
+            return False
+        if n == len(data):
+            self.close(fd)
+            return True
+        # The rest waits for EPOLLOUT; asking for it only now saves a wake-up per connection.
+        self.outbuf[fd] = data[n:]
+        self.watch(fd, EPOLL_CLIENT | select.EPOLLOUT)
+        return True
+
+    def refuse(self, fd: int, err: HTTPError, extra: bytes = b"") -> None:
+        """Answer an error, shut our side, and drain the client's leftovers before closing,
+        so it reads the status instead of a connection reset."""
+        self.rejected += 1
+        body = err.reason.encode() + b"\n"
+        data = response_head(err.status, len(body), TEXT, self.tail, extra) + body
+        if self.state[fd] == READING:
+            del self.reading[fd]
+        try:
+            os.write(fd, data)
+            sock = socket.socket(fileno=fd)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            finally:
+                sock.detach()
+        except OSError:
+            self.close(fd)
+            return
+        self.state[fd] = LINGER
+        self.lingering[fd] = time.monotonic() + LINGER_TIMEOUT
+        self.watch(fd, EPOLL_CLIENT)
+
+    def watch(self, fd: int, events: int) -> None:
+        try:
+            self.epoll.modify(fd, events)
+        except FileNotFoundError:
+            self.epoll.register(fd, events)
+
+    def flush(self, fd: int) -> None:
+        data = self.outbuf[fd]
+        try:
+            n = os.write(fd, data)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close(fd)
+            return
+        if n == len(data):
+            self.close(fd)
+        else:
+            self.outbuf[fd] = data[n:]
+
+    # -- accepting and reading requests ------------------------------------------------------
+
+    def accept(self) -> None:
+        listener, state, fds = self.listener, self.state, self.fds
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                # socket.accept() would wrap the fd in a socket object we would throw away.
+                fd, _ = listener._accept()
+            except BlockingIOError:
+                self.accept_hot = False
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.pause_accept(e)
+                    return
+                continue  # ECONNABORTED and friends: that one connection is gone
+            fd = fds[fd]
+            fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NONBLOCK)  # one syscall; set_blocking makes two
+            state[fd] = READING
+            self.connections += 1
+            self.accepted += 1
+            self.reading[fd] = [time.monotonic() + self.header_timeout, b"", 0]
+            # The request has often arrived with the handshake: read it before registering,
+            # and a connection answered at once never costs an epoll_ctl.
+            self.read_head(fd, fresh=True)
+        self.accept_hot = True
+
+    def pause_accept(self, e: OSError) -> None:
+        # Linux keeps reporting the listener readable, so stop watching it for a while
+        # instead of spinning; the pending connections wait in the backlog.
+        self.epoll.modify(self.listen_fd, 0)
+        self.accept_hot = False
+        now = time.monotonic()
+        self.accept_paused_until = now + EMFILE_BACKOFF
+        if now - self.last_emfile_log > 10:
+            self.last_emfile_log = now
+            log(f"worker {self.n}: accept failed ({e.strerror}) with {self.connections} "
+                f"connections open: the open-file limit {self.fd_limit} caps this worker at "
+                f"~{self.fd_limit - 16:,} connections; see tuning/check.py")
+
+    def read_head(self, fd: int, fresh: bool = False) -> None:
+        entry = self.reading[fd]
+        buf = entry[1]
+        while True:
+            want = MAX_HEAD + 1 - len(buf)
+            try:
+                chunk = os.read(fd, want)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.close(fd)
+                return
+            if not chunk:
+                self.close(fd)  # gone before finishing its request
+                return
+            buf += chunk
+            if len(buf) > MAX_HEAD or (fresh and len(chunk) < want):
+                # A short read drained the socket. Only trusted for a fresh connection: it is
+                # registered after this, and epoll then reports a hang-up that came with it.
+                break
+        try:
+            req, used = parse_request(buf, entry[2])
+        except HTTPError as err:
+            self.refuse(fd, err)
+            return
+        if req is None:
+            entry[1] = buf
+            entry[2] = used
+            if fresh:
+                self.epoll.register(fd, EPOLL_CLIENT)
+            return
+        del self.reading[fd]
+        self.handle(fd, req, fresh)
+
+    def handle(self, fd: int, req: Request, fresh: bool) -> None:
+        """Route one whole request: answer it now, or make the connection wait."""
+        self.state[fd] = WRITING
+        if req.method != b"GET":
+            if req.method == b"OPTIONS":
+                allow = req.headers.get(b"access-control-request-headers", b"*")
+                self.answer(fd, response_head(204, 0, TEXT, self.tail, (
+                    b"Access-Control-Allow-Methods: GET, OPTIONS\r\n"
+                    b"Access-Control-Allow-Headers: %s\r\nAccess-Control-Max-Age: 86400\r\n"
+                    % allow)))
+                return
+            self.refuse(fd, HTTPError(405, "only GET and OPTIONS are served"),
+                        b"Allow: GET, OPTIONS\r\n")
+            return
+        path = req.path
+        if not path.endswith(b".js") or path.find(b"/", 1) != -1:
+            if path == b"/_info":
+                self.answer(fd, response_head(200, len(self.info), JSON, self.tail) + self.info)
+            else:
+                self.refuse(fd, HTTPError(404, "not found: poll GET /<id>.js"))
+            return
+        id_ = path[1:-3]
+        if ID_RE.fullmatch(id_) is None:
+            self.refuse(fd, HTTPError(400, "invalid id: 1-128 bytes of [A-Za-z0-9_~-]"))
+            return
+        callback = None
+        if req.query:
+            callback = query_callback(req.query)
+            if callback is not None and CALLBACK_RE.fullmatch(callback) is None:
+                self.refuse(fd, HTTPError(400, "invalid callback name"))
+                return
+        home = x31(id_) % self.workers
+        if home != self.n:
+            try:
+                url = location(req, self.base_port + home, fd)
+            except HTTPError as err:
+                self.refuse(fd, err)
+                return
+            except OSError:
+                self.close(fd)
+                return
+            self.answer(fd, response_head(307, 0, TEXT, self.tail, b"Location: %s\r\n" % url))
+            return
+        queue = self.queues.get(id_)
+        if queue:
+            entry = queue.pop(0)
+            if not queue:
+                del self.queues[id_]
+            message = entry[2]
+            entry[2] = None  # tombstone in `order`
+            self.queued_messages -= 1
+            self.queued_bytes -= len(message)
+            if self.answer(fd, self.message_response(message, callback)):
+                self.delivered += 1
+            return
+        self.wait(fd, id_, callback)
+        if fresh:
+            self.epoll.register(fd, EPOLL_CLIENT)
+
+    def wait(self, fd: int, id_: bytes, callback) -> None:
+        w = self.waiters.get(id_)
+        if w.__class__ is list and len(w) >= MAX_WAITERS_PER_ID:
+            self.rejected += 1
+            body = b"pushed out: more than 4 polls wait on this id\n"
+            self.answer(w[0], response_head(409, len(body), TEXT, self.tail) + body)
+        if w is None:
+            self.waiters[id_] = fd
+        elif w.__class__ is int:
+            self.waiters[id_] = [w, fd]
+        else:
+            w.append(fd)
+        self.state[fd] = id_  # the same object as the key above when it is the first poll
+        self.waiting += 1
+        if callback is not None:
+            self.jsonp[fd] = callback
+        if self.poll_timeout > 0:
+            self.poll_deadlines[fd] = time.monotonic() + self.poll_timeout
+
+    def discard(self, fd: int) -> None:
+        """Bytes from a client that has had its say (waiting, or being answered): read and
+        drop them; a hang-up closes the connection at once."""
+        for _ in range(GARBAGE_READS):
+            try:
+                if not os.read(fd, 65536):
+                    self.close(fd)
+                    return
+            except BlockingIOError:
+                return
+            except OSError:
+                self.close(fd)
+                return
+        self.close(fd)  # a flood after its request: not a comet client
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def message_response(self, message: bytes, callback) -> bytes:
+        if callback is None:
+            return response_head(200, len(message), TEXT, self.tail) + message
+        body = jsonp_body(callback, message)
+        return response_head(200, len(body), JS, self.tail) + body
+
+    def deliver(self, id_: bytes, message: bytes) -> None:
+        """A message for an id we own: to every connection waiting on it, else queued."""
+        if id_ in self.waiters:
+            sent = self.answer_waiters(id_, self.message_response(message, None), message)
+            if sent:
+                self.delivered += sent
+                return
+        self.enqueue(id_, message)
+
+    def answer_waiters(self, id_: bytes, plain: bytes, message: bytes) -> int:
+        """Answer every connection waiting on id_; returns how many were still there."""
+        w = self.waiters[id_]
+        sent = 0
+        for fd in [w] if w.__class__ is int else list(w):
+            callback = self.jsonp.get(fd) if self.jsonp else None
+            if callback is None:
+                sent += self.answer(fd, plain)
+            else:
+                sent += self.answer(fd, self.message_response(message, callback))
+        return sent
+
+    def enqueue(self, id_: bytes, message: bytes) -> None:
+        entry = [time.monotonic() + self.queue_ttl, id_, message]
+        queue = self.queues.get(id_)
+        if queue is None:
+            self.queues[id_] = [entry]
+        else:
+            queue.append(entry)
+            if len(queue) > self.queue_max:
+                self.drop(queue.pop(0))
+                self.dropped += 1
+        self.order.append(entry)
+        self.queued_messages += 1
+        self.queued_bytes += len(message)
+        while self.queued_bytes > self.queue_bytes_max:
+            old = self.order.popleft()
+            if old[2] is not None:
+                self.unqueue(old)
+                self.dropped += 1
+        if len(self.order) > 2 * self.queued_messages + 1024:
+            # Tombstones of delivered messages wait for their expiry; compact when they are
+            # the majority, so `order` stays within twice the live queue.
+            self.order = deque(e for e in self.order if e[2] is not None)
+
+    def unqueue(self, entry: list) -> None:
+        """Remove the oldest entry of its id's queue (it is always that one)."""
+        queue = self.queues[entry[1]]
+        queue.pop(0)
+        if not queue:
+            del self.queues[entry[1]]
+        self.drop(entry)
+
+    def drop(self, entry: list) -> None:
+        self.queued_messages -= 1
+        self.queued_bytes -= len(entry[2])
+        entry[2] = None
+
+    def broadcast(self, message: bytes) -> None:
+        """To every connection waiting at this moment; nothing is queued for absent ids."""
+        plain = self.message_response(message, None)
+        for id_ in list(self.waiters):
+            self.delivered += self.answer_waiters(id_, plain, message)
+
+    # -- the manager link --------------------------------------------------------------------
+
+    def read_link(self) -> bool:
+        """Read and act on link frames; False when the manager is gone."""
+        for _ in range(LINK_READS_PER_TURN):
+            try:
+                chunk = os.read(self.link_fd, LINK_READ_SIZE)
+            except BlockingIOError:
+                self.link_hot = False
+                return True
+            except ConnectionResetError:
+                return False
+            if not chunk:
+                return False
+            self.handle_frames(self.link_in + chunk if self.link_in else chunk)
+        self.link_hot = True
+        return True
+
+    def handle_frames(self, data: bytes) -> None:
+        pos = 0
+        size = len(data)
+        unpack = LINK_HEAD.unpack_from
+        while size - pos >= 6:
+            kind, idlen, msglen = unpack(data, pos)
+            start = pos + 6 + idlen
+            end = start + msglen
+            if end > size:
+                break
+            id_ = data[pos + 6:start]
+            message = data[start:end]
+            pos = end
+            if kind == MSG:
+                self.deliver(id_, message)
+            elif kind == BROADCAST:
+                self.broadcast(message)
+            elif kind == STATS:
+                self.send_link(STATS, b"", json.dumps(self.stats()).encode())
+        self.link_in = data[pos:]
+
+    def send_link(self, kind: bytes, id_: bytes, payload: bytes) -> None:
+        self.link_out += LINK_HEAD.pack(kind, len(id_), len(payload)) + id_ + payload
+        self.flush_link()
+
+    def flush_link(self) -> None:
+        try:
+            n = os.write(self.link_fd, self.link_out)
+        except BlockingIOError:
+            n = 0
+        self.link_out = self.link_out[n:]
+        events = select.EPOLLIN | select.EPOLLET | (select.EPOLLOUT if self.link_out else 0)
+        self.epoll.modify(self.link_fd, events)
+
+    def stats(self) -> dict:
+        with open("/proc/self/statm", "rb") as f:
+            rss = int(f.read().split()[1]) * resource.getpagesize()
+        return {"connections": self.connections, "waiting": self.waiting,
+                "accepted": self.accepted, "queued_messages": self.queued_messages,
+                "queued_bytes": self.queued_bytes, "delivered": self.delivered,
+                "expired": self.expired, "dropped": self.dropped, "rejected": self.rejected,
+                "rss_bytes": rss}
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def sweep(self, now: float) -> float:
+        """Act on every deadline that has passed; return seconds until the next one (or -1).
+        Each table is in deadline order, so only its head is ever looked at twice."""
+        nxt = []
+        if self.reading:
+            expired = []
+            for fd, entry in self.reading.items():
+                if entry[0] > now:
+                    nxt.append(entry[0])
+                    break
+                expired.append(fd)
+            for fd in expired:
+                self.rejected += 1
+                self.close(fd)  # a slow or silent client: no answer, it sent no request
+        if self.poll_deadlines:
+            expired = []
+            for fd, deadline in self.poll_deadlines.items():
+                if deadline > now:
+                    nxt.append(deadline)
+                    break
+                expired.append(fd)
+            for fd in expired:
+                if fd in self.poll_deadlines:
+                    self.answer(fd, response_head(204, 0, TEXT, self.tail))
+        if self.lingering:
+            expired = []
+            for fd, deadline in self.lingering.items():
+                if deadline > now:
+                    nxt.append(deadline)
+                    break
+                expired.append(fd)
+            for fd in expired:
+                self.close(fd)
+        order = self.order
+        while order and order[0][0] <= now:
+            entry = order.popleft()
+            if entry[2] is not None:
+                self.unqueue(entry)
+                self.expired += 1
+        if order:
+            nxt.append(order[0][0])
+        if self.accept_paused_until:
+            if self.accept_paused_until <= now:
+                self.accept_paused_until = 0.0
+                self.accept_hot = True  # connections may be waiting in the backlog
+                self.epoll.modify(self.listen_fd, select.EPOLLIN | select.EPOLLET)
+            else:
+                nxt.append(self.accept_paused_until)
+        return max(0.0, min(nxt) - now) if nxt else -1
+
+    # -- the event loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        epoll = self.epoll
+        state = self.state
+        listen_fd, link_fd = self.listen_fd, self.link_fd
+        epoll.register(listen_fd, select.EPOLLIN | select.EPOLLET)
+        epoll.register(link_fd, select.EPOLLIN | select.EPOLLET)
+        timeout = -1
+        while True:
+            if self.accept_hot or self.link_hot:
+                timeout = 0
+            events = epoll.poll(timeout, 1024)
+            link_ready = self.link_hot
+            for fd, ev in events:
+                if fd == listen_fd:
+                    self.accept_hot = True
+                    continue
+                if fd == link_fd:
+                    if ev & select.EPOLLOUT:
+                        self.flush_link()
+                    link_ready = link_ready or bool(ev & ~select.EPOLLOUT)
+                    continue
+                s = state[fd]
+                if s is None:
+                    continue  # closed earlier in this batch
+                if ev & select.EPOLLOUT and s == WRITING and fd in self.outbuf:
+                    self.flush(fd)
+                    if state[fd] is None or not ev & ~select.EPOLLOUT:
+                        continue
+                if s == READING:
+                    self.read_head(fd)
+                else:
+                    self.discard(fd)
+            # The link after the clients (a hang-up in this batch is seen before a message
+            # for it), and accepts last (an fd closed above may be reused by accept).
+            if link_ready and not self.read_link():
+                return
+            if self.accept_hot:
+                self.accept()
+            timeout = self.sweep(time.monotonic())
+
+
+def query_callback(query: bytes):
+    for part in query.split(b"&"):
+        if part.startswith(b"callback="):
+            return part[9:]
+    return None
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Listening socket (created by the manager, used here) and command line
+# ---------------------------------------------------------------------------------------------
+
+
+def make_listener(host: str, port: int, backlog: int, keepalive: float) -> socket.socket:
+    """The comet port. Accepted sockets inherit SO_KEEPALIVE and its timers from it (Linux
+    copies them at accept), so no per-connection setsockopt is needed to reap dead peers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if keepalive > 0:
+        idle = max(1, int(keepalive))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 4))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="MegaComet worker. Started by manager.py, which passes the listening "
+                    f"socket as fd {LISTEN_FD} and the manager link as fd {LINK_FD}.")
+    p.add_argument("--worker", type=int, required=True, help="this worker's number n")
+    p.add_argument("--workers", type=int, required=True, help="number of workers W")
+    p.add_argument("--base-port", type=int, default=8000)
+    p.add_argument("--queue-ttl", type=float, default=60.0)
+    p.add_argument("--queue-max", type=int, default=100)
+    p.add_argument("--queue-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--poll-timeout", type=float, default=0.0)
+    p.add_argument("--header-timeout", type=float, default=10.0)
+    p.add_argument("--cors-origin", default="*")
+    p.add_argument("--listen-fd", type=int, default=LISTEN_FD)
+    p.add_argument("--link-fd", type=int, default=LINK_FD)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    # Ctrl-C reaches the whole process group; the manager decides when workers go.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        listener = socket.socket(fileno=opts.listen_fd)
+        listener.setblocking(False)
+        os.set_blocking(opts.link_fd, False)
+    except OSError as e:
+        log(f"worker {opts.worker}: cannot use the inherited sockets ({e}); "
+            "server.py is started by manager.py")
+        return EXIT_BOOT_ERROR
+    Worker(opts, listener, opts.link_fd).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
