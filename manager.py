@@ -216,8 +216,9 @@ class Manager:
             self.put(slot, data)
 
     def put(self, slot: Slot, data: bytes) -> None:
-        if slot.link is not None:
-            slot.link.write(data)
+        link = slot.link
+        if link is not None and not link.is_closing():
+            link.write(data)
             return
         slot.held.append(data)
         slot.held_bytes += len(data)
@@ -496,7 +497,10 @@ class Manager:
         message = obj.get("message")
         if not isinstance(message, str):
             return no('"message" must be a string')
-        message = message.encode("utf-8", "surrogatepass")
+        try:
+            message = message.encode()
+        except UnicodeEncodeError:
+            return no('"message" has a lone surrogate: not valid Unicode')
         if len(message) > self.opts.max_message:
             return no(f"message over --max-message ({self.opts.max_message} bytes)")
         if obj.get("broadcast") is True:
