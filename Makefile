@@ -15,7 +15,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 run:
 	$(PYTHON) manager.py
@@ -25,6 +25,9 @@ check:
 
 bench-memory: $(VENV)/.installed
 	$(PY) bench/memory.py
+
+bench-cpu: $(VENV)/.installed
+	$(PY) bench/cpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
