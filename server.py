@@ -262,6 +262,8 @@ class Worker:
         self.listen_fd = listener.fileno()
         self.link_fd = link_fd
         self.epoll = select.epoll()
+        # Opened once: with every fd taken by clients, opening it per /stats would fail.
+        self.statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fd_limit = nofile if nofile != resource.RLIM_INFINITY else 1 << 20
         self.state: list = [None] * self.fd_limit  # fd -> None | READING | WRITING | LINGER | id
@@ -689,8 +691,7 @@ class Worker:
         self.epoll.modify(self.link_fd, events)
 
     def stats(self) -> dict:
-        with open("/proc/self/statm", "rb") as f:
-            rss = int(f.read().split()[1]) * resource.getpagesize()
+        rss = int(os.pread(self.statm, 128, 0).split()[1]) * resource.getpagesize()
         return {"connections": self.connections, "waiting": self.waiting,
                 "accepted": self.accepted, "queued_messages": self.queued_messages,
                 "queued_bytes": self.queued_bytes, "delivered": self.delivered,

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -45,8 +46,12 @@ class PortTaken(RuntimeError):
 class Manager:
     """A running `python manager.py` on free ports; stopped with SIGTERM by `stop()`."""
 
-    def __init__(self, *args: str, workers: int = 2):
+    def __init__(self, *args: str, workers: int = 2, nofile: int | None = None):
         self.workers = workers
+        limit = None
+        if nofile is not None:
+            def limit():
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         for _ in range(5):  # another test may take the drawn ports between check and bind
             self.base_port = free_port_block(workers)
             self.app_port = free_port_block(1)
@@ -54,7 +59,8 @@ class Manager:
                    "--workers", str(workers), "--base-port", str(self.base_port),
                    "--app-port", str(self.app_port), "--status-interval", "0", *args]
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True)
+                                         stderr=subprocess.STDOUT, text=True,
+                                         preexec_fn=limit)
             try:
                 self.wait_ready()
                 return
@@ -91,10 +97,14 @@ class Manager:
         return json.loads(body)
 
     def stop(self) -> int:
+        if self.proc.stdout.closed:  # stopped already (a test, then the fixture)
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=10)
+            code = self.proc.wait(timeout=10)
+            self.output = self.proc.stdout.read()
+            return code
         finally:
             self.proc.stdout.close()
 
@@ -136,8 +146,8 @@ def read_response(s: socket.socket):
 def manager_factory():
     started = []
 
-    def start(*args: str, workers: int = 2) -> Manager:
-        m = Manager(*args, workers=workers)
+    def start(*args: str, workers: int = 2, nofile: int | None = None) -> Manager:
+        m = Manager(*args, workers=workers, nofile=nofile)
         started.append(m)
         return m
 

@@ -289,3 +289,15 @@ def test_apply_sh_syntax_and_dry_run_touches_nothing(tmp_path):
     bad = subprocess.run(["bash", str(APPLY), "--bogus"], env=env, capture_output=True,
                          text=True, timeout=30)
     assert bad.returncode == 2
+
+
+def test_conntrack_loaded_but_tracking_nothing_is_no_cap(tmp_path):
+    """Loaded with no rule using it, conntrack tracks nothing (nf_conntrack_count 0): seen on
+    the dev box, where 398,700 loopback connections went past nf_conntrack_max 262,144."""
+    root = make_box(tmp_path, nofile=(1048576, 1048576), cpus=16, mem_gib=128,
+                    file_max=4194304, ports=(10240, 65535), conntrack=65536)
+    (tmp_path / "proc/sys/net/netfilter/nf_conntrack_count").write_text("0\n")
+    report = build_report(read_box(root))
+    assert rows(report)["net.netfilter.nf_conntrack_max"].server is None
+    for side in ("server", "client", "loopback"):
+        assert "conntrack" not in report.first_cap[side].limit, side

@@ -181,6 +181,7 @@ class Box:
     somaxconn: int | None
     syn_backlog: int | None
     conntrack_max: int | None
+    conntrack_count: int | None
     epoll_watches: int | None
     mem_total: int | None
     cpus: int | None
@@ -201,6 +202,7 @@ def read_box(root: str = "/") -> Box:
         syn_backlog=read_int(root, sys_ + "net/ipv4/tcp_max_syn_backlog"),
         # Absent file = nf_conntrack not loaded = nothing tracks connections = no cap.
         conntrack_max=read_int(root, sys_ + "net/netfilter/nf_conntrack_max"),
+        conntrack_count=read_int(root, sys_ + "net/netfilter/nf_conntrack_count"),
         epoll_watches=read_int(root, sys_ + "fs/epoll/max_user_watches"),
         mem_total=read_mem_total(root),
         cpus=read_cpus(root),
@@ -398,7 +400,12 @@ def _rows(box: Box, workers: int, client_procs: int, source_ips: int, dest_ports
     else:
         rows.append(Row("tcp_mem max, 1 page/reply", "net.ipv4.tcp_mem", unknown))
 
-    if box.conntrack_max is not None:
+    if box.conntrack_max is not None and box.conntrack_count == 0:
+        # Loaded, but no netfilter rule asks for it, so its hooks are not registered: it
+        # tracks nothing (seen here: 398,700 loopback connections past a max of 262,144).
+        rows.append(Row("nf_conntrack_max", "net.netfilter.nf_conntrack_max",
+                        f"{box.conntrack_max:,} (tracks 0: no cap)"))
+    elif box.conntrack_max is not None:
         c = conntrack_capacity(box.conntrack_max)
         fix = (f"nf_conntrack is loaded and tracks every connection (loopback too), "
                f"{box.conntrack_max:,} at most, then drops SYNs ('nf_conntrack: table full' in "

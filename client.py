@@ -1,0 +1,1405 @@
+"""MegaComet load client: opens hundreds of thousands of long polls and counts what comes back.
+
+The Python counterpart of the original's `megatest X Y`, built the way wrk.c is built.
+
+    python client.py PREFIX HOST [--conns N] [--source-ips LIST] [--send M] [--json FILE] ...
+
+opens ids PREFIX0 ... PREFIX{N-1}, each to HOST:base_port + x31(id) % W (W asked of GET /_info),
+holds them, prints one progress line a second and a summary at the end.
+
+Theory of operation
+-------------------
+Processes. One parent and K children; nothing is shared between them. The parent plans, forks,
+aggregates and reports; the children do all the network work. Child k owns a contiguous block of
+ids, its own epoll, its own counters and its own latency histogram, and tells the parent about
+them through a pipe: one JSON line a second, and a last one (with the histogram) when told to
+stop. The parent merges by adding. No locks anywhere. There are K processes because one process
+holds at most RLIMIT_NOFILE sockets: the parent raises the soft limit to the hard one and splits
+--conns so that every child stays FD_MARGIN under it.
+
+Source addresses. A TCP connection is the 4-tuple (source ip, source port, destination ip,
+destination port). Towards one destination ip:port one source address can hold at most as many
+connections as ip_local_port_range has ports (28,232 by default). It gets slow long before that:
+connect() tries the even half of the range first (bind() gets the odd half), and once those are
+taken every further connect() scans the whole range in the kernel, under a lock. Measured: 7.7 ms
+per connect() at ~18k connections per pair, 100% system CPU; and on a 2-core box, 39,968 polls
+to 2 ports ramp at 1,962/s from one source address, 24,319/s from two. So the plan keeps each
+(source address, destination port) pair under PAIR_FILL of the even half, binding every socket to
+one of several source addresses with IP_BIND_ADDRESS_NO_PORT (the kernel then picks the port at
+connect() time, unique per 4-tuple, instead of at bind() time, unique per address). On loopback
+all of 127/8 is local, so the client picks 127.0.0.1, .2, ... itself when the count needs them.
+
+A connection's life, which is also the order of this file:
+
+    CONNECTING  socket(), [bind(source)], connect() -> EINPROGRESS; waits for EPOLLOUT
+    WAITING     SO_ERROR == 0: counted open; "GET /<id>.js" sent; waits for the answer, which
+                for a long poll may take hours: there is no read timeout, by design
+    answer      200: a message (latency recorded); 204: the server's poll timeout. Either way the
+                id polls again at once on a new connection, as a browser does. 307: reconnect
+                once to the owner's port. 409 (pushed out by a 5th waiter) and other 4xx: the id
+                is given up. 5xx and every failure (refused, timeout, reset, EMFILE,
+                EADDRNOTAVAIL, ...): counted by cause, retried with exponential backoff.
+
+Every outcome is counted; nothing is printed per connection.
+
+The ramp. Each child starts its first connects at --rate / K a second, at most MAX_CONNECTING in
+flight. The ramp ends when every id is open, or when every id has been tried and the open count
+has not grown for --stall seconds; then the summary names the likely cause from what it saw. A
+server out of file descriptors does not refuse: the kernel completes the handshake and the
+connection waits in its accept queue, open as far as a client can tell. So at the ramp's end the
+parent also asks the manager's GET /stats (the app port) how many connections the server holds.
+
+--send M. When the ramp ends each child also acts as the app: it sends its share of M messages
+(seq k, k+K, ...) as binary frames over its own connection to the manager's app port, to its own
+open ids, round robin. Message `seq` is *meant* to go at t0 + seq / --send-rate and carries that
+time: b"t=<CLOCK_MONOTONIC ns>;seq=<n>". CLOCK_MONOTONIC is one clock for every process on a
+Linux box, so the child that reads the 200 computes the latency against the intended send time.
+A sender that falls behind makes latencies worse, never fewer (no coordinated omission: wrk's
+known flaw). A delivered message closes that poll and the id re-polls; a message sent while the
+id is between polls waits in the server's queue, so nothing should be lost. Lost = sent and not
+received --grace seconds after the last send.
+
+Bounds. Every loop ends by itself: the run stops --hold seconds after the ramp ends (default
+60 s; 0 with --send, whose phase ends when all is received or --grace after the last send), or at
+--max-time (default 1 h), or on SIGINT/SIGTERM; children also stop when the
+parent's pipe closes. Ctrl-C: the children report at once, the summary is out within
+STOP_WAIT_S (a child that has not reported by then is killed), and the processes are gone once the
+kernel has closed their sockets (abortively: RST, no TIME_WAIT left to block the next run).
+"""
+
+import argparse
+import errno
+import heapq
+import ipaddress
+import json
+import math
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from array import array
+from collections import deque
+
+from server import owner, valid_id
+
+# ---------------------------------------------------------------------------------------------
+# Constants and limits
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_CONNS = 250_000     # the original megatest opened 250k per client box
+FD_MARGIN = 100             # fds a child keeps free for stdio, epoll, pipes, its app socket
+PAIR_FILL = 0.9             # fill at most this share of the even half of ip_local_port_range
+                            # per (source, destination port) pair: past the half, connect()
+                            # scans the range (7.7 ms each at ~18k per pair, measured)
+DEFAULT_PORT_RANGE = (32768, 60999)     # Linux's default, if /proc cannot be read
+IP_BIND_ADDRESS_NO_PORT = 24            # <linux/in.h>; not exported by the socket module
+MAX_CONNECTING = 1000       # connects in flight per child: beyond the listen backlog (4096,
+                            # shared by all children) more SYNs only get dropped and retried
+CONNECT_TIMEOUT_S = 10.0    # the kernel would retry a SYN for ~127 s; a stuck ramp says so sooner
+RETRY_BASE_S = 1.0          # failed connection: retry after 1, 2, 4 ... s,
+RETRY_MAX_S = 16.0          # at most this long, so a refusing server is not hammered
+MAX_REDIRECTS = 1           # the SPEC's server redirects at most once (to the owner's port)
+RECV_SIZE = 65536           # one recv(); messages are at most 64 KiB (--max-message)
+MAX_EVENTS = 4096           # epoll events per loop turn
+TICK_S = 1.0                # progress / report period
+STALL_S = 5.0               # the ramp is over when the open count has not grown for this long
+SERVER_CHECKS = 4           # at the ramp's end, ask the manager's /stats up to this often,
+SERVER_CHECK_GAP_S = 0.5    # this far apart, while it holds fewer connections than we opened
+STOP_WAIT_S = 1.5           # the parent waits this long for the children's last reports
+SEND_BATCH = 5000           # frames queued per loop turn, so receiving is never starved
+APP_BUFFER_MAX = 1 << 20    # stop queueing frames while this much waits for the app socket
+DEFAULT_HOLD_S = 60.0       # hold the connections this long after the ramp (0 with --send)
+DEFAULT_MAX_TIME_S = 3600.0     # hard cap on a run, whatever else happens
+DEFAULT_GRACE_S = 5.0       # after the last send, wait this long for deliveries before "lost"
+DEFAULT_SEND_RATE = 1000.0  # messages a second; 0 = all at once (latency then includes queueing)
+
+# Failure causes, in the order the progress line and the summary show them.
+CAUSES = ("refused", "timeout", "reset", "closed", "EMFILE", "EADDRNOTAVAIL", "http", "other")
+ERRNO_CAUSE = {
+    errno.ECONNREFUSED: "refused",
+    errno.ETIMEDOUT: "timeout",
+    errno.ECONNRESET: "reset",
+    errno.EPIPE: "reset",
+    errno.ECONNABORTED: "reset",
+    errno.EMFILE: "EMFILE",
+    errno.ENFILE: "EMFILE",         # the system-wide table: same fix, different knob
+    errno.EADDRNOTAVAIL: "EADDRNOTAVAIL",
+    errno.EADDRINUSE: "EADDRNOTAVAIL",  # bind() without a free port: same shortage
+    errno.ENETUNREACH: "other",
+    errno.EHOSTUNREACH: "other",
+}
+
+# ---------------------------------------------------------------------------------------------
+# Planning: processes and source addresses (pure functions, unit-tested)
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_source_ips(text: str) -> list[str]:
+    """'10.0.0.1,10.0.0.7' or '127.0.0.2-127.0.0.9' or '127.0.0.2-9' or '10.1.0.0/30', or a
+    comma list of those: IPv4 addresses in the order given, without duplicates."""
+    out: list[str] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if "/" in item:
+            net = ipaddress.IPv4Network(item, strict=False)
+            hosts = list(net.hosts()) or [net.network_address]
+            out.extend(str(a) for a in hosts)
+        elif "-" in item:
+            first_s, _, last_s = item.partition("-")
+            first = ipaddress.IPv4Address(first_s.strip())
+            last_s = last_s.strip()
+            if "." not in last_s:       # 127.0.0.2-9: the last octet only
+                last_s = first_s.rsplit(".", 1)[0] + "." + last_s
+            last = ipaddress.IPv4Address(last_s)
+            if last < first:
+                raise ValueError(f"source range {item!r} runs backwards")
+            if int(last) - int(first) >= 65536:
+                raise ValueError(f"source range {item!r} is over 65536 addresses")
+            out.extend(str(ipaddress.IPv4Address(a)) for a in range(int(first), int(last) + 1))
+        else:
+            out.append(str(ipaddress.IPv4Address(item)))
+    if not out:
+        raise ValueError("no source address given")
+    return list(dict.fromkeys(out))
+
+
+def read_port_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    try:
+        with open(path) as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return DEFAULT_PORT_RANGE
+
+
+def pair_limit(port_range: tuple[int, int]) -> int:
+    """Connections one (source address, destination ip:port) pair may hold before connect()
+    gets slow: PAIR_FILL of the even half of the local port range."""
+    lo, hi = port_range
+    return max(1, int((hi - lo + 1) // 2 * PAIR_FILL))
+
+
+def per_port_counts(prefix: bytes, conns: int, workers: int) -> list[int]:
+    """How many of PREFIX0..PREFIX{conns-1} each worker (destination port) gets."""
+    counts = [0] * workers
+    for i in range(conns):
+        counts[owner(b"%s%d" % (prefix, i), workers)] += 1
+    return counts
+
+
+def plan_sources(max_per_port: int, port_range: tuple[int, int], explicit: list[str] | None,
+                 loopback: bool) -> tuple[list[str], int, str | None]:
+    """(source addresses to bind, how many the count needs, a warning or None).
+
+    An empty list means "do not bind, let the kernel choose": enough while one source address
+    keeps every destination port under pair_limit()."""
+    limit = pair_limit(port_range)
+    needed = max(1, math.ceil(max_per_port / limit))
+    have = len(explicit) if explicit else 1
+    warning = None
+    if explicit:
+        sources = list(explicit)
+    elif needed > 1 and loopback:
+        sources = [str(ipaddress.IPv4Address("127.0.0.1") + i) for i in range(needed)]
+        have = needed
+    else:
+        sources = []
+    if have < needed:
+        lo, hi = port_range
+        warning = (f"warning: {max_per_port:,} connections to one server port need {needed} "
+                   f"source addresses to stay under {limit:,} per (source, port) pair (the even "
+                   f"half of ip_local_port_range {lo}-{hi}), and there "
+                   f"{'are' if have > 1 else 'is'} {have}: past that line every connect() "
+                   f"scans the port range in the kernel; add --source-ips")
+    return sources, needed, warning
+
+
+def plan_procs(conns: int, nofile_hard: int, override: int | None = None
+               ) -> tuple[int, str | None]:
+    """(child processes, a warning or None): enough that none passes its open-file limit."""
+    usable = max(1, nofile_hard - FD_MARGIN)
+    needed = max(1, math.ceil(conns / usable))
+    if override is None:
+        return min(needed, max(1, conns)), None
+    procs = max(1, min(override, max(1, conns)))
+    warning = None
+    if procs < needed:
+        warning = (f"warning: {conns:,} connections over {procs} processes is "
+                   f"{math.ceil(conns / procs):,} each, over the open-file limit "
+                   f"({nofile_hard:,} - {FD_MARGIN} kept free); {needed} processes would fit: "
+                   f"expect EMFILE")
+    return procs, warning
+
+
+def raise_nofile() -> int:
+    """Raise the soft open-file limit to the hard one; returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def listen_overflows(path: str = "/proc/net/netstat") -> int | None:
+    """The kernel's TcpExt ListenOverflows: SYNs dropped because an accept queue was full.
+    This box's (this network namespace's) count, so it speaks for a server on the same box."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            fields = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            if "ListenOverflows" in fields:
+                return int(fields["ListenOverflows"])
+    return None
+
+
+def split_range(n: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) blocks of range(n), as equal as can be."""
+    return [(k * n // parts, (k + 1) * n // parts) for k in range(parts)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency histogram: preallocated, log-linear, mergeable (HdrHistogram's bucket layout)
+# ---------------------------------------------------------------------------------------------
+
+
+class Histogram:
+    """Latencies in microseconds. Below 2*SUB µs every value has its own bucket; above, each
+    power of two is cut into SUB linear buckets, so a percentile is within 1/SUB (3.1%) of the
+    true value. 1,184 ints cover up to 2**40 µs (12 days); a bigger value lands in the last
+    bucket. Memory does not grow with the number of samples, and two histograms merge by adding
+    their buckets, which is how the parent combines the children's."""
+
+    SUB_BITS = 5
+    SUB = 1 << SUB_BITS
+    MAX_EXP = 35
+    SIZE = MAX_EXP * SUB + 2 * SUB
+    TOP = (1 << (MAX_EXP + SUB_BITS + 1)) - 1
+
+    def __init__(self):
+        self.counts = [0] * self.SIZE
+        self.count = 0
+        self.total = 0
+        self.max = 0
+        self.min = None
+
+    @classmethod
+    def index(cls, v: int) -> int:
+        v = min(max(0, v), cls.TOP)
+        e = max(0, v.bit_length() - cls.SUB_BITS - 1)
+        return e * cls.SUB + (v >> e)
+
+    @classmethod
+    def bounds(cls, i: int) -> tuple[int, int]:
+        """The smallest and largest value that land in bucket i."""
+        e = 0 if i < 2 * cls.SUB else i // cls.SUB - 1
+        m = i - e * cls.SUB
+        return m << e, ((m + 1) << e) - 1
+
+    def record(self, v: int) -> None:
+        v = max(0, v)
+        self.counts[self.index(v)] += 1
+        self.count += 1
+        self.total += v
+        if v > self.max:
+            self.max = v
+        if self.min is None or v < self.min:
+            self.min = v
+
+    def percentile(self, q: float) -> int:
+        """The value below which a share q of the samples lie (the bucket's top, capped at the
+        largest value seen): never under-reports."""
+        if not self.count:
+            return 0
+        rank = max(1, math.ceil(q * self.count))
+        seen = 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank:
+                return min(self.bounds(i)[1], self.max)
+        return self.max
+
+    def merge(self, other: "Histogram") -> None:
+        for i, c in enumerate(other.counts):
+            if c:
+                self.counts[i] += c
+        self.count += other.count
+        self.total += other.total
+        self.max = max(self.max, other.max)
+        if other.min is not None and (self.min is None or other.min < self.min):
+            self.min = other.min
+
+    def to_json(self) -> dict:
+        return {"buckets": [[i, c] for i, c in enumerate(self.counts) if c],
+                "count": self.count, "total": self.total, "max": self.max, "min": self.min}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Histogram":
+        h = cls()
+        for i, c in d["buckets"]:
+            h.counts[i] = c
+        h.count, h.total, h.max, h.min = d["count"], d["total"], d["max"], d["min"]
+        return h
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses: a pure parser over bytes
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_response(buf: bytes, eof: bool) -> tuple[int, bytes | None, bytes] | None:
+    """(status, Location or None, body) once `buf` holds a whole response; None while more is
+    needed. The server closes after every response, so without Content-Length the body ends at
+    EOF. Raises ValueError on something that is not an HTTP response or was cut short."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if eof:
+            raise ValueError("closed before a whole response head")
+        return None
+    lines = buf[:end].split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP status line: {lines[0][:60]!r}")
+    status = int(parts[1])
+    length = None
+    location = None
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value.strip())
+        elif name == b"location":
+            location = value.strip()
+    body = buf[end + 4:]
+    if length is None:
+        return (status, location, body) if eof else None
+    if len(body) < length:
+        if eof:
+            raise ValueError("closed inside the body")
+        return None
+    return status, location, body[:length]
+
+
+def location_port(location: bytes | None) -> int | None:
+    """The port of a Location such as b'http://127.0.0.1:8003/a1.js'; None if it has none."""
+    if not location:
+        return None
+    rest = location.split(b"://", 1)[-1]
+    hostport = rest.split(b"/", 1)[0]
+    if hostport.startswith(b"["):
+        hostport = hostport.rsplit(b"]", 1)[-1]
+    _, colon, port = hostport.rpartition(b":")
+    return int(port) if colon and port.isdigit() else None
+
+
+def message_fields(body: bytes) -> tuple[int, int] | None:
+    """(intended send time ns, seq) from b't=<ns>;seq=<n>', or None for someone else's message."""
+    if not body.startswith(b"t="):
+        return None
+    t, sep, seq = body[2:].partition(b";seq=")
+    if not sep or not t.isdigit() or not seq.isdigit():
+        return None
+    return int(t), int(seq)
+
+
+# ---------------------------------------------------------------------------------------------
+# A child: connections and their lives
+# ---------------------------------------------------------------------------------------------
+
+CONNECTING, WAITING, CLOSED = 0, 1, 2
+EV_CONN = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+
+
+class Conn:
+    """One TCP connection: one poll of one id. Measured: ~410 bytes of client RSS per held
+    connection (this object, the socket object, its slot in `conns`, the per-id arrays; 18.1 MB
+    at 100 connections, 25.7 MB at 19,000). The kernel's socket costs more than that."""
+
+    __slots__ = ("sock", "j", "port", "state", "buf", "out", "redirects")
+
+    def __init__(self, sock: socket.socket, j: int, port: int, redirects: int):
+        self.sock = sock
+        self.j = j                  # the id's index in this child's block
+        self.port = port
+        self.state = CONNECTING
+        self.buf = b""
+        self.out = b""              # request bytes the first send() did not take (rare)
+        self.redirects = redirects
+
+
+class Child:
+    """One process's share of the ids: its epoll, its connections, its counters."""
+
+    def __init__(self, k: int, cfg: dict, lo: int, hi: int, ctrl_fd: int, report_fd: int):
+        self.k = k
+        self.cfg = cfg
+        self.prefix = cfg["prefix"].encode()
+        self.lo, self.n = lo, hi - lo
+        self.addr = cfg["addr"]
+        self.host_header = cfg["host"].encode()
+        self.base_port = cfg["base_port"]
+        self.workers = cfg["workers"]
+        self.sources = cfg["sources"]
+        self.rate = cfg["rate"] / cfg["procs"] if cfg["rate"] else 0.0
+        self.connect_timeout = cfg["connect_timeout"]
+        self.ctrl_fd, self.report_fd = ctrl_fd, report_fd
+        self.told_full = False
+        self.ep = select.epoll()
+        self.conns: dict[int, Conn] = {}
+        self.stop = False
+
+        # Per-id state, in flat arrays: port 0 = not planned yet.
+        self.port_of = array("H", bytes(2 * self.n))
+        self.src_of = array("H", bytes(2 * self.n))
+        self.tries = bytearray(self.n)
+        self.ever_open = bytearray(self.n)
+        self.rr = [0] * self.workers        # next source, per destination port
+
+        self.next_new = 0                   # first-time connects go in id order
+        self.ready: deque = deque()         # (j, port, redirects): re-poll at once
+        self.retry: list = []               # heap of (due, j, port): backoff
+        self.timeouts: deque = deque()      # (deadline, conn), in connect order
+        self.ramp_t0 = time.monotonic()
+
+        # Counters: this child's alone, summed by the parent.
+        self.open = self.connecting = self.peak_open = 0
+        self.opened = self.ids_opened = self.gave_up = 0
+        self.last_first_open_t = 0.0        # when the last id opened for the first time
+        self.failed = dict.fromkeys(CAUSES, 0)
+        self.errnos: dict[str, int] = {}
+        self.status: dict[int, int] = {}
+        self.per_source = [0] * max(1, len(self.sources))
+        self.msgs = self.other_msgs = 0
+
+        # --send
+        self.send_total = cfg["send"]
+        self.send_interval_ns = int(1e9 / cfg["send_rate"]) if cfg["send_rate"] else 0
+        self.sending = False
+        self.send_t0 = 0
+        self.next_seq = k
+        self.targets: list[int] = []
+        self.app: socket.socket | None = None
+        self.app_out = bytearray()
+        self.sent = self.received = self.dups = self.unsendable = 0
+        self.seen = bytearray(len(range(k, self.send_total, cfg["procs"])))  # by seq // procs
+        self.sends_done_t = 0.0
+        self.send_done = self.send_total == 0
+        self.last_recv_t = 0.0
+        self.hist = Histogram()
+
+    # -- connect -------------------------------------------------------------------------------
+
+    def plan_id(self, j: int) -> None:
+        """The id's port (its owner) and source address, fixed at its first connect."""
+        w = owner(self.id_bytes(j), self.workers)
+        self.port_of[j] = self.base_port + w
+        if self.sources:
+            self.src_of[j] = self.rr[w] % len(self.sources)
+            self.rr[w] += 1
+
+    def id_bytes(self, j: int) -> bytes:
+        return b"%s%d" % (self.prefix, self.lo + j)
+
+    def connect(self, j: int, port: int, redirects: int, now: float) -> bool:
+        """Start one non-blocking connect. False when it failed at once (counted, retried)."""
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as e:
+            self.count_error(e.errno)
+            self.schedule_retry(j, port, now)
+            return False
+        try:
+            if self.sources:
+                # Port chosen at connect() time, per 4-tuple, not at bind() time per address.
+                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((self.sources[self.src_of[j]], 0))
+            err = sock.connect_ex((self.addr, port))
+        except OSError as e:
+            err = e.errno
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self.count_error(err)
+            self.schedule_retry(j, port, now)
+            return False
+        conn = Conn(sock, j, port, redirects)
+        self.conns[sock.fileno()] = conn
+        self.ep.register(sock.fileno(), EV_CONN)
+        self.connecting += 1
+        self.timeouts.append((now + self.connect_timeout, conn))
+        if err == 0:                # loopback can finish at once
+            self.on_connected(conn, now)
+        return True
+
+    def start_connects(self, now: float) -> None:
+        """Re-polls first (a browser re-polls at once), then due retries, then new ids at the
+        ramp's rate; the last two only while fewer than MAX_CONNECTING are in flight."""
+        while self.ready and not self.stop:
+            j, port, redirects = self.ready.popleft()
+            self.connect(j, port, redirects, now)
+        while self.retry and self.retry[0][0] <= now and self.connecting < MAX_CONNECTING:
+            _, j, port = heapq.heappop(self.retry)
+            self.connect(j, port, 0, now)
+        if self.next_new >= self.n:
+            return
+        budget = self.n
+        if self.rate:
+            budget = int((now - self.ramp_t0) * self.rate) + 1 - self.next_new
+        while budget > 0 and self.next_new < self.n and self.connecting < MAX_CONNECTING:
+            j = self.next_new
+            self.next_new += 1
+            budget -= 1
+            self.plan_id(j)
+            emfile = self.failed["EMFILE"]
+            if not self.connect(j, self.port_of[j], 0, now) and self.failed["EMFILE"] > emfile:
+                break               # out of fds: stop for this turn, the retries will come
+
+    def check_timeouts(self, now: float) -> None:
+        while self.timeouts and self.timeouts[0][0] <= now:
+            _, conn = self.timeouts.popleft()
+            if conn.state == CONNECTING:
+                self.fail(conn, "timeout", now)
+
+    # -- write: the request --------------------------------------------------------------------
+
+    def on_connected(self, conn: Conn, now: float) -> None:
+        conn.state = WAITING
+        self.connecting -= 1
+        self.open += 1
+        self.opened += 1
+        if self.open > self.peak_open:
+            self.peak_open = self.open
+        if not self.ever_open[conn.j]:
+            self.ever_open[conn.j] = 1
+            self.ids_opened += 1
+            self.last_first_open_t = now
+        if self.sources:
+            self.per_source[self.src_of[conn.j]] += 1
+        conn.out = b"GET /%s.js HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (
+            self.id_bytes(conn.j), self.host_header, conn.port)
+        self.flush(conn, now)
+
+    def flush(self, conn: Conn, now: float) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except BlockingIOError:
+            return                  # EPOLLOUT will come (edge-triggered, still registered)
+        except OSError as e:
+            self.fail(conn, ERRNO_CAUSE.get(e.errno, "reset"), now)
+            return
+        conn.out = conn.out[sent:]
+
+    # -- read: the answer ----------------------------------------------------------------------
+
+    def on_event(self, conn: Conn, ev: int, now: float) -> None:
+        if conn.state == CONNECTING:
+            err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.count_errno(err)
+                self.fail(conn, ERRNO_CAUSE.get(err, "other"), now)
+                return
+            self.on_connected(conn, now)
+        elif conn.out and ev & select.EPOLLOUT:
+            self.flush(conn, now)
+        if conn.state == WAITING and ev & ~select.EPOLLOUT:
+            self.on_readable(conn, now)
+
+    def on_readable(self, conn: Conn, now: float) -> None:
+        """Edge-triggered: drain until EAGAIN or EOF, then see if a whole answer is in."""
+        eof = False
+        while True:
+            try:
+                data = conn.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self.fail(conn, ERRNO_CAUSE.get(e.errno, "reset"), now)
+                return
+            if not data:
+                eof = True
+                break
+            conn.buf += data
+        if not conn.buf:
+            if eof:         # closed with no answer at all: the server dropped us
+                self.fail(conn, "closed", now)
+            return
+        try:
+            answer = parse_response(conn.buf, eof)
+        except ValueError:
+            self.fail(conn, "reset", now)
+            return
+        if answer is not None:
+            self.on_response(conn, *answer, now)
+
+    # -- response complete ---------------------------------------------------------------------
+
+    def on_response(self, conn: Conn, status: int, location: bytes | None, body: bytes,
+                    now: float) -> None:
+        self.status[status] = self.status.get(status, 0) + 1
+        self.close(conn)
+        j, port = conn.j, conn.port
+        if status in (200, 204):
+            self.tries[j] = 0
+            if status == 200:
+                self.on_message(body)
+            self.ready.append((j, port, 0))
+        elif status == 307 and conn.redirects < MAX_REDIRECTS and location_port(location):
+            new_port = location_port(location)
+            self.port_of[j] = new_port      # the server knows best; later polls go there too
+            self.ready.append((j, new_port, conn.redirects + 1))
+        elif status >= 500:
+            self.failed["http"] += 1
+            self.schedule_retry(j, port, now)
+        else:   # 409 pushed out, 4xx, a second 307: polling again would not help
+            self.failed["http"] += 1
+            self.gave_up += 1
+
+    def on_message(self, body: bytes) -> None:
+        self.msgs += 1
+        fields = message_fields(body)
+        if fields is None:
+            self.other_msgs += 1
+            return
+        intended_ns, seq = fields
+        self.hist.record((time.monotonic_ns() - intended_ns) // 1000)
+        self.last_recv_t = time.monotonic()
+        slot, mine = divmod(seq, self.cfg["procs"])
+        if mine != self.k or slot >= len(self.seen):
+            self.other_msgs += 1        # not one this process sent
+        elif self.seen[slot]:
+            self.dups += 1
+        else:
+            self.seen[slot] = 1
+            self.received += 1
+
+    # -- close and failure ---------------------------------------------------------------------
+
+    def close(self, conn: Conn) -> None:
+        """The one close path; safe to call twice. Closing the fd also drops it from epoll."""
+        if conn.state == CLOSED:
+            return
+        if conn.state == CONNECTING:
+            self.connecting -= 1
+        else:
+            self.open -= 1
+        conn.state = CLOSED
+        self.conns.pop(conn.sock.fileno(), None)
+        conn.sock.close()
+        conn.buf = conn.out = b""
+
+    def fail(self, conn: Conn, cause: str, now: float) -> None:
+        self.failed[cause] += 1
+        self.close(conn)
+        self.schedule_retry(conn.j, conn.port, now)
+
+    def schedule_retry(self, j: int, port: int, now: float) -> None:
+        tries = self.tries[j] = min(self.tries[j] + 1, 30)
+        delay = min(RETRY_BASE_S * 2 ** (tries - 1), RETRY_MAX_S)
+        heapq.heappush(self.retry, (now + delay, j, port))
+
+    def count_error(self, err: int | None) -> None:
+        self.count_errno(err)
+        self.failed[ERRNO_CAUSE.get(err, "other")] += 1
+
+    def count_errno(self, err: int | None) -> None:
+        name = errno.errorcode.get(err or 0, str(err))
+        self.errnos[name] = self.errnos.get(name, 0) + 1
+
+    # -- --send: the app side ------------------------------------------------------------------
+
+    def start_sending(self, t0_ns: int) -> None:
+        self.sending = True
+        self.send_t0 = t0_ns
+        self.targets = [j for j in range(self.n) if self.ever_open[j]]
+        my_share = len(range(self.k, self.send_total, self.cfg["procs"]))
+        if not self.targets or not my_share:
+            self.unsendable = my_share
+            self.next_seq = self.send_total
+            self.sends_done_t = time.monotonic()
+            return
+        try:
+            self.app = socket.create_connection((self.cfg["app_host"], self.cfg["app_port"]),
+                                                timeout=5)
+        except OSError as e:
+            self.app_failed(e)
+            return
+        self.app.setblocking(False)
+        self.ep.register(self.app.fileno(), select.EPOLLOUT | select.EPOLLET)
+
+    def app_failed(self, e: OSError) -> None:
+        """The app port refused or went away: what is not yet written never will be. Frames
+        still buffered are un-counted (a frame is never half-delivered: SPEC), and they and the
+        rest of this process's share are counted unsendable instead."""
+        unsent = self.app_out.count(2) + (1 if self.app_out and self.app_out[0] != 2 else 0)
+        self.sent -= unsent
+        self.unsendable += unsent + len(range(self.next_seq, self.send_total,
+                                              self.cfg["procs"]))
+        self.app_out.clear()
+        name = errno.errorcode.get(e.errno or 0, str(e))
+        self.errnos[f"app port {name}"] = self.errnos.get(f"app port {name}", 0) + 1
+        if self.app is not None:
+            self.app.close()
+            self.app = None
+        self.next_seq = self.send_total
+        self.sends_done_t = time.monotonic()
+
+    def send_due(self, now: float) -> None:
+        """Queue every frame whose intended time has come (a bounded batch), then write."""
+        if self.app is not None and len(self.app_out) < APP_BUFFER_MAX:
+            now_ns = time.monotonic_ns()
+            procs = self.cfg["procs"]
+            batch = 0
+            while self.next_seq < self.send_total and batch < SEND_BATCH:
+                intended = self.send_t0 + self.next_seq * self.send_interval_ns
+                if intended > now_ns:
+                    break
+                j = self.targets[(self.next_seq // procs) % len(self.targets)]
+                self.app_out += b"\x02%s\x00t=%d;seq=%d\x00" % (
+                    self.id_bytes(j), intended, self.next_seq)
+                self.next_seq += procs
+                self.sent += 1
+                batch += 1
+            self.flush_app()
+        if self.next_seq >= self.send_total and not self.app_out and not self.sends_done_t:
+            self.sends_done_t = now
+        if self.sends_done_t and not self.send_done:
+            if self.received >= self.sent or now - self.sends_done_t >= self.cfg["grace"]:
+                self.send_done = True
+
+    def flush_app(self) -> None:
+        if self.app is None or not self.app_out:
+            return
+        try:
+            n = self.app.send(self.app_out)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.app_failed(e)
+            return
+        del self.app_out[:n]
+
+    def next_send_in(self) -> float:
+        if not self.sending or self.next_seq >= self.send_total:
+            return TICK_S
+        due_ns = self.send_t0 + self.next_seq * self.send_interval_ns - time.monotonic_ns()
+        return max(0.0, due_ns / 1e9)
+
+    # -- reports to the parent -----------------------------------------------------------------
+
+    def report(self, final: bool = False) -> None:
+        d = {
+            "k": self.k, "open": self.open, "connecting": self.connecting,
+            "peak_open": self.peak_open, "opened": self.opened, "ids_opened": self.ids_opened,
+            "unstarted": self.n - self.next_new, "gave_up": self.gave_up,
+            "retrying": len(self.retry), "failed": self.failed, "errnos": self.errnos,
+            "status": self.status, "msgs": self.msgs, "other_msgs": self.other_msgs,
+            "sent": self.sent, "received": self.received, "dups": self.dups,
+            "unsendable": self.unsendable, "send_done": self.send_done,
+            "per_source": self.per_source, "ramp_t0": self.ramp_t0,
+            "last_first_open_t": self.last_first_open_t, "last_recv_t": self.last_recv_t,
+            "sends_done_t": self.sends_done_t,
+        }
+        if final:
+            d["final"] = True
+            d["hist"] = self.hist.to_json()
+        os.write(self.report_fd, json.dumps(d).encode() + b"\n")
+
+    def on_control(self) -> None:
+        try:
+            data = os.read(self.ctrl_fd, 4096)
+        except BlockingIOError:
+            return
+        if not data:        # the parent is gone
+            self.stop = True
+        for line in data.decode().splitlines():
+            cmd, _, arg = line.partition(" ")
+            if cmd == "stop":
+                self.stop = True
+            elif cmd == "send" and not self.sending:
+                self.start_sending(int(arg))
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.ep.register(self.ctrl_fd, select.EPOLLIN)
+        next_tick = time.monotonic() + TICK_S
+        while not self.stop:
+            now = time.monotonic()
+            self.start_connects(now)
+            wait = min(next_tick - now, self.next_send_in(), TICK_S)
+            if self.ready or (self.next_new < self.n and self.connecting < MAX_CONNECTING):
+                wait = 0.0 if not self.rate else min(wait, 1.0 / self.rate)
+            if self.retry:
+                wait = min(wait, self.retry[0][0] - now)
+            try:
+                events = self.ep.poll(max(0.0, wait), MAX_EVENTS)
+            except InterruptedError:
+                continue
+            now = time.monotonic()
+            for fd, ev in events:
+                if fd == self.ctrl_fd:
+                    self.on_control()
+                    continue
+                if self.app is not None and fd == self.app.fileno():
+                    self.flush_app()
+                    continue
+                conn = self.conns.get(fd)
+                if conn is None:    # closed earlier in this batch
+                    continue
+                self.on_event(conn, ev, now)
+            if self.sending:
+                was_done = self.send_done
+                self.send_due(now)
+                if self.send_done and not was_done:
+                    next_tick = now             # tell the parent now, not in a second
+            if self.open == self.n and not self.told_full:
+                self.told_full = True           # the ramp may be over: tell the parent now
+                next_tick = now
+            if now >= next_tick:    # the periodic timer: reports, timeouts, the stop flag
+                self.check_timeouts(now)
+                self.report()
+                next_tick = now + TICK_S
+        self.report(final=True)
+        # Abortive close (RST, SO_LINGER 0) for whatever is still open: no TIME_WAIT left on
+        # this box to block the next run's ports for 60 s, and a quicker exit.
+        linger0 = struct.pack("ii", 1, 0)
+        for conn in list(self.conns.values()):
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger0)
+            except OSError:
+                pass
+
+
+def child_main(k: int, cfg: dict, lo: int, hi: int, ctrl_fd: int, report_fd: int) -> None:
+    """Runs in the forked child; never returns."""
+    status = 0
+    child = None
+    try:
+        child = Child(k, cfg, lo, hi, ctrl_fd, report_fd)
+
+        def on_signal(signum, frame):
+            child.stop = True
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        os.set_blocking(ctrl_fd, False)
+        child.run()
+    except BrokenPipeError:
+        status = 1          # the parent is gone: nobody to report to
+    except BaseException:
+        status = 1
+        try:
+            os.write(report_fd, json.dumps({"k": k, "error": traceback.format_exc()}).encode()
+                     + b"\n")
+        except OSError:
+            pass
+    finally:
+        os._exit(status)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: fork, aggregate, decide the phases, summarize
+# ---------------------------------------------------------------------------------------------
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """Sum the children's counters (dicts and lists by key/position); times by min/max."""
+    total: dict = {"failed": dict.fromkeys(CAUSES, 0), "errnos": {}, "status": {},
+                   "per_source": []}
+    for r in reports:
+        for key, v in r.items():
+            if key in ("failed", "errnos", "status"):
+                for name, c in v.items():
+                    total[key][name] = total[key].get(name, 0) + c
+            elif key == "per_source":
+                if len(total[key]) < len(v):
+                    total[key] += [0] * (len(v) - len(total[key]))
+                for i, c in enumerate(v):
+                    total[key][i] += c
+            elif key == "ramp_t0":
+                if v and (not total.get(key) or v < total[key]):
+                    total[key] = v
+            elif key in ("last_first_open_t", "last_recv_t", "sends_done_t"):
+                total[key] = max(total.get(key, 0.0), v)
+            elif key == "send_done":
+                total[key] = total.get(key, True) and v
+            elif isinstance(v, int) and not isinstance(v, bool):
+                total[key] = total.get(key, 0) + v
+    return total
+
+
+def likely_cause(target: int, peak_open: int, failed: dict, errnos: dict,
+                 server: dict | None, client_open: int, overflows: int | None = None
+                 ) -> str | None:
+    """One line naming why connections stopped short of the target, from what was seen.
+
+    A server out of file descriptors does not refuse: the kernel completes the handshake and
+    the connection waits in the listen queue, open as far as this client can tell. Only the
+    server's own count (GET /stats on the app port) shows it, so that comes first."""
+    if server_short(server, client_open):
+        return (f"server accepted only {server.get('connections', 0):,} of this client's "
+                f"{client_open:,} open connections (the rest wait in its accept queue): "
+                f"the server's open-file limit? see tuning/")
+    if peak_open >= target:
+        return None
+    messages = {
+        "EMFILE": "EMFILE: this client's open-file limit (raise ulimit -n, or more --procs)",
+        "EADDRNOTAVAIL": "EADDRNOTAVAIL: out of source ports, add --source-ips",
+        "refused": "server refused: not listening on that port, or its listen backlog full "
+                   "(is it running? --base-port/--workers right?)",
+        "timeout": "connect timeouts: SYN backlog / somaxconn full, the server not accepting "
+                   "(its open-file limit?), or a firewall",
+        "reset": "server reset connections: its open-file limit, or a proxy in between?",
+        "closed": "server closed connections without an answer: its open-file limit?",
+        "http": "server answered with errors (see the status counts)",
+    }
+    if overflows:
+        messages["timeout"] = (f"connect timeouts, and the kernel dropped {overflows:,} SYNs "
+                               f"at a full accept queue: the server accepts too slowly or not "
+                               f"at all (its open-file limit?), or --backlog/somaxconn too small")
+    worst = max(failed, key=lambda c: failed[c]) if failed else None
+    if worst and failed[worst]:
+        if worst == "other":
+            top = max(errnos, key=lambda e: errnos[e]) if errnos else "?"
+            return f"connect errors ({top}): see the errno counts"
+        return messages[worst]
+    return "stopped before the ramp finished (--max-time, or interrupted)"
+
+
+def server_short(server: dict | None, client_open: int) -> bool:
+    """True when the server holds fewer connections than this client has open (other clients
+    can only add to its count)."""
+    if not server or "connections" not in server:
+        return False
+    return server["connections"] < client_open
+
+
+def fetch_server_stats(app_host: str, app_port: int) -> dict | None:
+    """The manager's GET /stats totals, best effort (None if it does not answer in 0.5 s)."""
+    try:
+        with socket.create_connection((app_host, app_port), timeout=0.5) as s:
+            s.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            buf = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                answer = parse_response(buf, False)
+                if answer:
+                    break
+            answer = parse_response(buf, True)
+        if answer and answer[0] == 200:
+            return json.loads(answer[2]).get("totals")
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def ask_workers(addr: str, host: str, port: int) -> int:
+    """W from GET /_info on the first worker."""
+    with socket.create_connection((addr, port), timeout=3.0) as s:
+        s.sendall(b"GET /_info HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (host.encode(), port))
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            buf += chunk
+            answer = parse_response(buf, not chunk)
+            if answer:
+                break
+    status, _, body = answer
+    if status != 200:
+        raise ValueError(f"GET /_info answered {status}")
+    return int(json.loads(body)["workers"])
+
+
+class Parent:
+    def __init__(self, cfg: dict, blocks: list[tuple[int, int]]):
+        self.cfg = cfg
+        self.blocks = blocks
+        self.stop_signal = None
+        self.kids: list[dict] = []      # pid, ctrl (write fd), report (read fd), buf, last
+        self.tty = sys.stdout.isatty()
+        self.t_start = time.monotonic()
+        self.send_t0_s = 0.0
+        self.server: dict | None = None     # the manager's /stats totals at the ramp's end
+        # The box's SYN drops at full accept queues: ours to read only if the server is here.
+        self.overflows0 = listen_overflows() if cfg["loopback"] else None
+        self.open_at_ramp_end = 0
+
+    def spawn(self) -> None:
+        for k, (lo, hi) in enumerate(self.blocks):
+            ctrl_r, ctrl_w = os.pipe()
+            rep_r, rep_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                for kid in self.kids:   # other children's pipes: keep EOF meaningful
+                    os.close(kid["ctrl"])
+                    os.close(kid["report"])
+                os.close(ctrl_w)
+                os.close(rep_r)
+                child_main(k, self.cfg, lo, hi, ctrl_r, rep_w)
+            os.close(ctrl_r)
+            os.close(rep_w)
+            os.set_blocking(rep_r, False)
+            self.kids.append({"k": k, "pid": pid, "ctrl": ctrl_w, "report": rep_r,
+                              "buf": b"", "last": {}, "final": None, "eof": False})
+
+    def read_reports(self, timeout: float) -> None:
+        fds = [kid["report"] for kid in self.kids if not kid["eof"]]
+        if not fds:
+            time.sleep(timeout)
+            return
+        try:
+            readable, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            return
+        for kid in self.kids:
+            if kid["report"] not in readable:
+                continue
+            while True:
+                try:
+                    data = os.read(kid["report"], 1 << 16)
+                except BlockingIOError:
+                    break
+                if not data:
+                    kid["eof"] = True
+                    break
+                kid["buf"] += data
+            *lines, kid["buf"] = kid["buf"].split(b"\n")
+            for line in lines:
+                d = json.loads(line)
+                if "error" in d:
+                    print(f"client process {kid['k']} crashed:\n{d['error']}", file=sys.stderr)
+                    kid["eof"] = True
+                    self.stop_signal = self.stop_signal or "child crash"
+                    continue
+                kid["last"] = d
+                if d.get("final"):
+                    kid["final"] = d
+
+    def command(self, line: str) -> None:
+        for kid in self.kids:
+            try:
+                os.write(kid["ctrl"], line.encode() + b"\n")
+            except OSError:
+                pass
+
+    def check_server(self, client_open: int) -> dict | None:
+        """The server's totals; asked again a few times while it seems short, since it may
+        still be accepting what this client just connected."""
+        server = None
+        for _ in range(SERVER_CHECKS):
+            server = fetch_server_stats(self.cfg["app_host"], self.cfg["app_port"])
+            if not server_short(server, client_open) or self.stop_signal:
+                break
+            time.sleep(SERVER_CHECK_GAP_S)
+        return server
+
+    def progress(self, t: dict, rate: float, now: float) -> None:
+        cfg = self.cfg
+        fails = ", ".join(f"{c} {t['failed'][c]:,}" for c in CAUSES if t["failed"].get(c))
+        line = (f"[{now - self.t_start:5.0f}s] open {t.get('open', 0):,}/{cfg['conns']:,} "
+                f"{rate:+,.0f}/s connecting {t.get('connecting', 0):,} | "
+                f"failed {fails or 0} | msgs {t.get('msgs', 0):,}")
+        if cfg["send"]:
+            line += f" sent {t.get('sent', 0):,} recv {t.get('received', 0):,}"
+        if self.tty:
+            sys.stdout.write("\r" + line + "\x1b[K")
+        else:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    def run(self) -> dict:
+        """Every pass (at most 0.2 s apart): read reports, then move the run along its phases:
+        ramp -> (send) -> hold -> stop. Progress is printed once a second."""
+        cfg = self.cfg
+        self.spawn()
+        deadline = self.t_start + cfg["max_time"]
+        next_tick = self.t_start + TICK_S
+        peak = last_open = 0
+        grew_t = self.t_start
+        ramp_end = None
+        ramp_reason = None
+        send_started = False
+        while self.stop_signal is None:
+            now = time.monotonic()
+            self.read_reports(max(0.0, min(next_tick - now, 0.2)))
+            now = time.monotonic()
+            if all(kid["eof"] for kid in self.kids):
+                self.stop_signal = self.stop_signal or "children exited"
+                break
+            if now >= deadline:
+                self.stop_signal = "max-time"
+            t = merge_reports([kid["last"] for kid in self.kids])
+            open_now = t.get("open", 0)
+            if open_now > peak:
+                peak, grew_t = open_now, now
+            if now >= next_tick:
+                self.progress(t, (open_now - last_open) / TICK_S, now)
+                last_open = open_now
+                next_tick = max(next_tick + TICK_S, now)
+            if not all(kid["last"] for kid in self.kids):
+                continue                # not every child has reported yet
+            if ramp_end is None:
+                if open_now >= cfg["conns"] - t.get("gave_up", 0):
+                    ramp_end, ramp_reason = now, "complete"
+                elif t.get("unstarted", 1) == 0 and now - grew_t >= cfg["stall"]:
+                    ramp_end, ramp_reason = now, "stalled"
+                if ramp_end is not None:
+                    # What the server holds now, against what this client holds now: the
+                    # difference sits in the server's accept queue. Taken here, not at the
+                    # end, when the children may be closing.
+                    self.server = self.check_server(open_now)
+                    self.open_at_ramp_end = open_now
+            if ramp_end is not None and cfg["send"] and not send_started:
+                send_started = True
+                t0_ns = time.monotonic_ns() + 50_000_000    # the same t0 for every child
+                self.send_t0_s = t0_ns / 1e9
+                self.command(f"send {t0_ns}")
+            sends_over = not cfg["send"] or (send_started and t.get("send_done"))
+            if ramp_end is not None and now >= ramp_end + cfg["hold"] and sends_over:
+                self.stop_signal = "done"
+        if self.tty:
+            sys.stdout.write("\n")
+        return self.finish(ramp_end, ramp_reason, peak)
+
+    def finish(self, ramp_end: float | None, ramp_reason: str | None, peak: int) -> dict:
+        """Tell every child to stop, take their last reports (SIGKILL for a child that has not
+        sent one in STOP_WAIT_S), merge. Reaping comes later, in reap()."""
+        cfg = self.cfg
+        self.command("stop")
+        until = time.monotonic() + STOP_WAIT_S
+        while time.monotonic() < until and not all(k["final"] or k["eof"] for k in self.kids):
+            self.read_reports(0.05)
+        for kid in self.kids:
+            if not kid["final"]:
+                try:
+                    os.kill(kid["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        elapsed = time.monotonic() - self.t_start
+        finals = [kid["final"] or kid["last"] for kid in self.kids]
+        missing = [kid["k"] for kid in self.kids if not kid["final"]]
+        t = merge_reports(finals)
+        hist = Histogram()
+        for r in finals:
+            if "hist" in r:
+                hist.merge(Histogram.from_json(r["hist"]))
+        peak = max(peak, t.get("open", 0))
+        first, last = t.get("ramp_t0", 0.0), t.get("last_first_open_t", 0.0)
+        ids_opened = t.get("ids_opened", 0)
+        ramp_s = last - first if ids_opened > 1 and last > first else 0.0
+        server = self.server
+        sent, received = t.get("sent", 0), t.get("received", 0)
+        span = t.get("last_recv_t", 0.0) - self.send_t0_s
+        ms = lambda us: round(us / 1000, 3)
+        summary = {
+            "target": cfg["conns"], "workers": cfg["workers"], "host": cfg["host"],
+            "base_port": cfg["base_port"], "procs": cfg["procs"],
+            "source_ips": cfg["sources"],
+            "per_source": dict(zip(cfg["sources"], t["per_source"], strict=False)),
+            "opened": t.get("opened", 0), "ids_opened": ids_opened, "peak_open": peak,
+            "open_at_end": t.get("open", 0), "connecting_at_end": t.get("connecting", 0),
+            "gave_up": t.get("gave_up", 0),
+            "failed": {c: n for c, n in t["failed"].items() if n},
+            "failed_total": sum(t["failed"].values()), "errnos": t["errnos"],
+            "status": {str(s): n for s, n in sorted(t["status"].items(), key=lambda x: x[0])},
+            "connect_rate": round(ids_opened / ramp_s, 1) if ramp_s else None,
+            "ramp_s": round(ramp_s, 3), "ramp_end": ramp_reason,
+            "messages": t.get("msgs", 0), "other_messages": t.get("other_msgs", 0),
+            "sent": sent, "received": received, "lost": max(0, sent - received),
+            "duplicates": t.get("dups", 0), "unsendable": t.get("unsendable", 0),
+            "send_rate": cfg["send_rate"] if cfg["send"] else None,
+            "latency_ms": {"p50": ms(hist.percentile(0.5)), "p99": ms(hist.percentile(0.99)),
+                           "p999": ms(hist.percentile(0.999)), "max": ms(hist.max),
+                           "mean": ms(hist.total / hist.count) if hist.count else 0.0,
+                           "count": hist.count},
+            "clock": "CLOCK_MONOTONIC (time.monotonic_ns), intended send time",
+            "elapsed_s": round(elapsed, 3), "stopped_by": self.stop_signal,
+            "missing_reports": missing, "server": server,
+        }
+        summary["msgs_per_s"] = round(received / span, 1) if received and span > 0 else None
+        overflows = None
+        if self.overflows0 is not None:
+            overflows = (listen_overflows() or 0) - self.overflows0
+        summary["listen_overflows"] = overflows
+        summary["cause"] = likely_cause(cfg["conns"], peak, t["failed"], t["errnos"], server,
+                                        self.open_at_ramp_end, overflows)
+        notes = []
+        if overflows:
+            notes.append(f"the kernel dropped {overflows:,} SYNs at a full accept queue during "
+                         f"the run (ListenOverflows); each waits 1, 3, 7 s to be resent")
+        if summary["lost"] and summary["connecting_at_end"]:
+            notes.append(f"{summary['connecting_at_end']:,} re-polls were still connecting at "
+                         f"the end; their ids' messages wait in the server meanwhile: a longer "
+                         f"--grace, or a paced --send-rate, would see them")
+        summary["notes"] = notes
+        return summary
+
+
+    def reap(self) -> None:
+        """Wait for every child to be gone. After the summary is out: a child's exit closes its
+        sockets in the kernel, ~10-25 us each on a busy 2-core box (4.6 s for 200k)."""
+        for kid in self.kids:
+            try:
+                os.waitpid(kid["pid"], 0)
+            except ChildProcessError:
+                pass
+            os.close(kid["ctrl"])
+            os.close(kid["report"])
+
+
+def print_summary(s: dict, out=sys.stdout) -> None:
+    w = lambda line: print(line, file=out)
+    srcs = s["source_ips"]
+    src_text = (f"{len(srcs)} source addresses ({srcs[0]}..{srcs[-1]})" if len(srcs) > 1
+                else (srcs[0] if srcs else "the kernel's source address"))
+    w(f"MegaComet client: {s['target']:,} ids to {s['host']}:{s['base_port']}"
+      f"..{s['base_port'] + s['workers'] - 1} ({s['workers']} workers), {s['procs']} "
+      f"process{'es' if s['procs'] > 1 else ''},"
+      f" {src_text}")
+    rate = f" ({s['connect_rate']:,.0f}/s)" if s["connect_rate"] else ""
+    w(f"  opened    {s['ids_opened']:,} ids in {s['ramp_s']:.1f} s{rate}, peak open "
+      f"{s['peak_open']:,}, open at end {s['open_at_end']:,}, connects {s['opened']:,}, "
+      f"ramp {s['ramp_end'] or 'unfinished'}")
+    w("  answers   " + (", ".join(f"{k}: {v:,}" for k, v in s["status"].items()) or "none"))
+    fails = ", ".join(f"{c} {n:,}" for c, n in s["failed"].items())
+    errs = ", ".join(f"{e} {n:,}" for e, n in s["errnos"].items())
+    w(f"  failed    {fails or 'none'}" + (f" (errno: {errs})" if errs else ""))
+    if s["sent"] or s["send_rate"] is not None:
+        lat = s["latency_ms"]
+        rate = f", {s['msgs_per_s']:,.0f} msgs/s" if s["msgs_per_s"] else ""
+        unsendable = f", unsendable {s['unsendable']:,}" if s["unsendable"] else ""
+        w(f"  messages  sent {s['sent']:,}, received {s['received']:,}, lost {s['lost']:,}, "
+          f"duplicates {s['duplicates']:,}{unsendable}{rate}")
+        w(f"  latency   p50 {lat['p50']} ms, p99 {lat['p99']} ms, p99.9 {lat['p999']} ms, "
+          f"max {lat['max']} ms (from the intended send time)")
+    if s["server"]:
+        sv = s["server"]
+        w(f"  server    connections {sv.get('connections', 0):,}, waiting "
+          f"{sv.get('waiting', 0):,} (its /stats at the ramp's end)")
+    for note in s["notes"]:
+        w(f"  note      {note}")
+    if s["cause"]:
+        w(f"  cause     {s['cause']}")
+    w(f"  elapsed   {s['elapsed_s']:.1f} s, stopped by {s['stopped_by']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="client.py",
+        description="MegaComet load client: opens --conns long polls with ids PREFIX0.. "
+                    "PREFIX{N-1}, each to HOST:base-port + x31(id) % workers, holds them, and "
+                    "with --send measures message delivery through the manager's app port.")
+    p.add_argument("prefix", metavar="PREFIX", help="id prefix (one per client box: a, b, ...)")
+    p.add_argument("host", metavar="HOST", help="the comet server's address")
+    p.add_argument("--conns", type=int, default=DEFAULT_CONNS,
+                   help=f"long polls to open (default {DEFAULT_CONNS:,})")
+    p.add_argument("--workers", type=int, help="server workers (default: ask GET /_info)")
+    p.add_argument("--base-port", type=int, default=8000, help="worker 0's port (8000)")
+    p.add_argument("--procs", type=int,
+                   help="client processes (default: enough to stay under RLIMIT_NOFILE)")
+    p.add_argument("--source-ips", metavar="LIST",
+                   help="bind to these: 10.0.0.1,10.0.0.2 or 127.0.0.2-127.0.0.9 or a /cidr "
+                        "(default: none, or 127.0.0.x picked as needed on loopback)")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="new connections a second, all processes together (0 = at once)")
+    p.add_argument("--hold", type=float,
+                   help=f"seconds to hold the connections after the ramp ends (default "
+                        f"{DEFAULT_HOLD_S:g}; 0 with --send: stop when the send phase ends)")
+    p.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME_S,
+                   help=f"stop after this many seconds whatever happens ({DEFAULT_MAX_TIME_S:g})")
+    p.add_argument("--stall", type=float, default=STALL_S,
+                   help=f"the ramp is over when every id was tried and the open count has not "
+                        f"grown for this many seconds ({STALL_S:g})")
+    p.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S,
+                   help=f"seconds a connect may take ({CONNECT_TIMEOUT_S:g})")
+    p.add_argument("--send", type=int, default=0, metavar="M",
+                   help="after the ramp, send M messages through the app port and measure them")
+    p.add_argument("--send-rate", type=float, default=DEFAULT_SEND_RATE,
+                   help=f"messages a second ({DEFAULT_SEND_RATE:g}; 0 = all at once)")
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
+                   help=f"seconds to wait for deliveries after the last send "
+                        f"({DEFAULT_GRACE_S:g})")
+    p.add_argument("--app-host", default="127.0.0.1", help="the manager's app address")
+    p.add_argument("--app-port", type=int, default=9000, help="the manager's app port (9000)")
+    p.add_argument("--json", metavar="FILE", help="also write the summary as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fail = lambda msg: (print(f"client.py: {msg}", file=sys.stderr), 2)[1]
+    prefix = args.prefix.encode()
+    if args.conns < 1 or not valid_id(prefix + str(args.conns - 1).encode()):
+        return fail(f"ids {args.prefix}0..{args.prefix}{args.conns - 1} are not valid ids "
+                    f"(1-128 of [A-Za-z0-9_~-])")
+    try:
+        addr = socket.gethostbyname(args.host)
+    except OSError as e:
+        return fail(f"cannot resolve {args.host}: {e}")
+    workers = args.workers
+    if workers is None:
+        try:
+            workers = ask_workers(addr, args.host, args.base_port)
+        except (OSError, ValueError, KeyError) as e:
+            return fail(f"cannot ask http://{args.host}:{args.base_port}/_info for the worker "
+                        f"count ({e}): is the server running? (or pass --workers)")
+    explicit = None
+    if args.source_ips:
+        try:
+            explicit = parse_source_ips(args.source_ips)
+        except ValueError as e:
+            return fail(f"--source-ips: {e}")
+    nofile = raise_nofile()
+    procs, warn_procs = plan_procs(args.conns, nofile, args.procs)
+    counts = per_port_counts(prefix, args.conns, workers)
+    loopback = ipaddress.IPv4Address(addr).is_loopback
+    sources, _, warn_src = plan_sources(max(counts), read_port_range(), explicit, loopback)
+    for warning in (warn_procs, warn_src):
+        if warning:
+            print(warning, file=sys.stderr)
+    hold = args.hold if args.hold is not None else (0.0 if args.send else DEFAULT_HOLD_S)
+    cfg = {"prefix": args.prefix, "host": args.host, "addr": addr, "loopback": loopback,
+           "conns": args.conns,
+           "workers": workers, "base_port": args.base_port, "procs": procs,
+           "sources": sources, "rate": args.rate, "hold": hold, "max_time": args.max_time,
+           "connect_timeout": args.connect_timeout, "stall": args.stall,
+           "send": max(0, args.send),
+           "send_rate": args.send_rate, "grace": args.grace, "app_host": args.app_host,
+           "app_port": args.app_port}
+    parent = Parent(cfg, split_range(args.conns, procs))
+
+    def on_signal(signum, frame):
+        parent.stop_signal = signal.Signals(signum).name
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    summary = parent.run()
+    print_summary(summary)
+    sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+    parent.reap()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""client.py: the planning and parsing as pure functions, then whole runs against a real manager
+on loopback (small counts, every run bounded by --max-time and a subprocess timeout)."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, Manager, PortTaken, free_port_block
+from hypothesis import given
+from hypothesis import strategies as st
+
+import client
+from client import (
+    Histogram,
+    likely_cause,
+    location_port,
+    message_fields,
+    pair_limit,
+    parse_response,
+    parse_source_ips,
+    per_port_counts,
+    plan_procs,
+    plan_sources,
+    split_range,
+)
+from server import owner
+
+CLIENT = [sys.executable, str(ROOT / "client.py")]
+
+# ---------------------------------------------------------------------------------------------
+# Source addresses and the spread plan
+# ---------------------------------------------------------------------------------------------
+
+
+def test_source_ips_range_list_short_form_and_cidr():
+    assert parse_source_ips("127.0.0.2-127.0.0.4") == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert parse_source_ips("127.0.0.2-4") == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert parse_source_ips("10.0.0.1, 10.0.0.7") == ["10.0.0.1", "10.0.0.7"]
+    assert parse_source_ips("10.0.0.255-10.0.1.1") == ["10.0.0.255", "10.0.1.0", "10.0.1.1"]
+    assert parse_source_ips("10.1.0.0/30") == ["10.1.0.1", "10.1.0.2"]
+    assert parse_source_ips("10.0.0.1,10.0.0.1-2") == ["10.0.0.1", "10.0.0.2"]   # no duplicates
+
+
+@pytest.mark.parametrize("bad", ["", ",", "127.0.0.4-127.0.0.2", "300.0.0.1", "a.b.c.d",
+                                 "::1", "10.0.0.0-10.2.0.0"])
+def test_source_ips_refused(bad):
+    with pytest.raises(ValueError):
+        parse_source_ips(bad)
+
+
+def test_pair_limit_is_under_the_even_half_of_the_port_range():
+    assert pair_limit((32768, 60999)) == int(28232 // 2 * client.PAIR_FILL)
+    assert pair_limit((1024, 65535)) < 32256
+    assert pair_limit((5000, 5000)) == 1
+
+
+def test_plan_sources_needs_none_while_one_address_is_enough():
+    sources, needed, warning = plan_sources(10_000, (32768, 60999), None, loopback=True)
+    assert (sources, needed, warning) == ([], 1, None)
+
+
+def test_plan_sources_picks_loopback_addresses_itself():
+    limit = pair_limit((32768, 60999))
+    sources, needed, warning = plan_sources(2 * limit + 1, (32768, 60999), None, loopback=True)
+    assert needed == 3 and warning is None
+    assert sources == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+
+
+def test_plan_sources_warns_when_too_few_addresses():
+    limit = pair_limit((32768, 60999))
+    _, needed, warning = plan_sources(3 * limit, (32768, 60999), ["10.0.0.1"], loopback=False)
+    assert needed == 3
+    assert warning and "--source-ips" in warning and "\n" not in warning
+    _, _, warning = plan_sources(3 * limit, (32768, 60999), None, loopback=False)
+    assert warning and "--source-ips" in warning
+    sources, _, warning = plan_sources(3 * limit, (32768, 60999), ["10.0.0.1", "10.0.0.2",
+                                                                   "10.0.0.3"], loopback=False)
+    assert warning is None and len(sources) == 3
+
+
+def test_plan_procs_splits_by_the_open_file_limit():
+    assert plan_procs(250_000, 20_000) == (13, None)      # 19,900 usable each
+    assert plan_procs(3000, 20_000) == (1, None)
+    assert plan_procs(5, 20_000, override=16)[0] == 5     # never an empty process
+    procs, warning = plan_procs(100_000, 20_000, override=2)
+    assert procs == 2 and "EMFILE" in warning
+
+
+@given(st.integers(1, 5000), st.integers(1, 40))
+def test_split_range_covers_every_id_once(n, parts):
+    blocks = split_range(n, parts)
+    assert [i for lo, hi in blocks for i in range(lo, hi)] == list(range(n))
+
+
+def test_per_port_counts_follow_the_owner_function():
+    counts = per_port_counts(b"a", 1000, 3)
+    assert sum(counts) == 1000
+    assert counts[0] == sum(owner(b"a%d" % i, 3) == 0 for i in range(1000))
+
+
+# ---------------------------------------------------------------------------------------------
+# The histogram
+# ---------------------------------------------------------------------------------------------
+
+
+def test_histogram_percentiles_within_bucket_precision():
+    h = Histogram()
+    for v in range(1, 100_001):
+        h.record(v)
+    for q, exact in ((0.5, 50_000), (0.99, 99_000), (0.999, 99_900)):
+        got = h.percentile(q)
+        assert exact <= got <= exact * (1 + 1 / Histogram.SUB)
+    assert h.max == 100_000 and h.min == 1 and h.count == 100_000
+    assert h.percentile(1.0) == 100_000
+
+
+def test_histogram_small_values_are_exact_and_empty_is_zero():
+    assert Histogram().percentile(0.99) == 0
+    h = Histogram()
+    for v in (3, 3, 3, 7):
+        h.record(v)
+    assert h.percentile(0.5) == 3 and h.percentile(0.99) == 7
+
+
+@given(st.integers(0, 1 << 45))
+def test_histogram_bucket_holds_its_value(v):
+    lo, hi = Histogram.bounds(Histogram.index(v))
+    if v <= Histogram.TOP:
+        assert lo <= v <= hi
+        assert hi - lo <= max(1, lo // Histogram.SUB)
+    assert 0 <= Histogram.index(v) < Histogram.SIZE
+
+
+@given(st.lists(st.integers(0, 10**9), max_size=50), st.lists(st.integers(0, 10**9), max_size=50))
+def test_histogram_merge_equals_recording_everything(a, b):
+    ha, hb, hall = Histogram(), Histogram(), Histogram()
+    for v in a:
+        ha.record(v)
+        hall.record(v)
+    for v in b:
+        hb.record(v)
+        hall.record(v)
+    ha.merge(Histogram.from_json(json.loads(json.dumps(hb.to_json()))))
+    assert ha.counts == hall.counts and ha.count == hall.count and ha.max == hall.max
+    for q in (0.5, 0.99, 0.999):
+        assert ha.percentile(q) == hall.percentile(q)
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses and messages
+# ---------------------------------------------------------------------------------------------
+
+OK = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n"
+      b"Connection: close\r\n\r\nhello")
+
+
+def test_parse_response_whole_partial_and_cut():
+    assert parse_response(OK, False) == (200, None, b"hello")
+    assert parse_response(OK[:-1], False) is None
+    with pytest.raises(ValueError):
+        parse_response(OK[:-1], True)
+    with pytest.raises(ValueError):
+        parse_response(b"", True)
+    with pytest.raises(ValueError):
+        parse_response(b"\x16\x03\x01 garbage\r\n\r\n", False)
+    redirect = (b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:8003/a1.js\r\n"
+                b"Content-Length: 0\r\n\r\n")
+    assert parse_response(redirect, False) == (307, b"http://127.0.0.1:8003/a1.js", b"")
+    no_length = b"HTTP/1.0 200 OK\r\n\r\nbody"
+    assert parse_response(no_length, False) is None
+    assert parse_response(no_length, True) == (200, None, b"body")
+
+
+@given(st.integers(0, len(OK)))
+def test_parse_response_any_split_same_answer(cut):
+    first = parse_response(OK[:cut], False)
+    assert first is None or cut == len(OK)
+    assert parse_response(OK[:cut] + OK[cut:], False) == (200, None, b"hello")
+
+
+@given(st.binary(max_size=200), st.booleans())
+def test_parse_response_never_raises_anything_else(data, eof):
+    try:
+        parse_response(data, eof)
+    except ValueError:
+        pass
+
+
+def test_location_port_and_message_fields():
+    assert location_port(b"http://127.0.0.1:8003/a1.js") == 8003
+    assert location_port(b"http://[::1]:8001/x.js") == 8001
+    assert location_port(b"http://example.com/x.js") is None
+    assert location_port(None) is None
+    assert message_fields(b"t=123;seq=7") == (123, 7)
+    assert message_fields(b"hello") is None
+    assert message_fields(b"t=12x;seq=1") is None
+
+
+def test_likely_cause_names_the_biggest_failure():
+    failed = dict.fromkeys(client.CAUSES, 0)
+    assert likely_cause(100, 100, failed, {}, None, 100) is None
+    assert "before the ramp finished" in likely_cause(100, 50, failed, {}, None, 50)
+    for cause, words in (("EMFILE", "client's open-file limit"), ("EADDRNOTAVAIL",
+                         "--source-ips"), ("refused", "refused"), ("timeout", "somaxconn")):
+        f = dict(failed, **{cause: 5, "reset": 1})
+        assert words in likely_cause(100, 50, f, {}, None, 50)
+    # The server holds fewer than we have open: its accept queue, whatever else we saw.
+    cause = likely_cause(1000, 1000, failed, {}, {"connections": 368}, 1000)
+    assert "open-file limit" in cause and "368" in cause
+    assert likely_cause(1000, 1000, failed, {}, {"connections": 1005}, 1000) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs against a real manager
+# ---------------------------------------------------------------------------------------------
+
+
+def run_client(m, *args, tmp_path, timeout=30):
+    """Run client.py to its end; returns (json summary, stdout)."""
+    out = tmp_path / "summary.json"
+    cmd = [*CLIENT, *args, "--base-port", str(m.base_port), "--app-port", str(m.app_port),
+           "--max-time", "20", "--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return json.loads(out.read_text()), p.stdout + p.stderr
+
+
+def wait_for(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_help_works():
+    p = subprocess.run([*CLIENT, "--help"], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 0 and "--source-ips" in p.stdout
+
+
+def test_no_server_is_one_clear_line():
+    port = free_port_block(1)
+    p = subprocess.run([*CLIENT, "a", "127.0.0.1", "--base-port", str(port)],
+                       capture_output=True, text=True, timeout=10)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and "--workers" in p.stderr
+
+
+def test_thousands_of_polls_over_two_processes(manager_factory, tmp_path):
+    m = manager_factory()
+    out = tmp_path / "s.json"
+    cmd = [*CLIENT, "a", "127.0.0.1", "--conns", "3000", "--procs", "2", "--hold", "30",
+           "--base-port", str(m.base_port), "--app-port", str(m.app_port), "--json", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    try:
+        assert wait_for(lambda: m.stats()["totals"]["waiting"] == 3000, 15), m.stats()["totals"]
+        assert len(m.stats()["workers"]) == 2
+        assert all(w["waiting"] > 1000 for w in m.stats()["workers"])   # both ports used
+        time.sleep(1.2)     # a progress line
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)       # ends the hold early, like Ctrl-C
+        output, _ = p.communicate(timeout=5)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, output
+    s = json.loads(out.read_text())
+    assert s["procs"] == 2 and s["workers"] == 2
+    assert s["ids_opened"] == 3000 and s["peak_open"] == 3000 and s["opened"] >= 3000
+    assert s["failed"] == {} and s["ramp_end"] == "complete" and s["stopped_by"] == "SIGTERM"
+    assert s["server"]["waiting"] >= 3000 and s["cause"] is None
+    assert s["connect_rate"] > 0 and s["missing_reports"] == []
+    assert "open 3,000/3,000" in output      # the progress line, not a TTY: whole lines
+    assert wait_for(lambda: m.stats()["totals"]["connections"] == 0, 5)
+
+
+def test_source_ips_each_used(manager_factory, tmp_path):
+    m = manager_factory()
+    out = tmp_path / "s.json"
+    cmd = [*CLIENT, "s", "127.0.0.1", "--conns", "900", "--source-ips", "127.0.0.2-127.0.0.4",
+           "--hold", "30", "--base-port", str(m.base_port), "--app-port", str(m.app_port),
+           "--json", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    try:
+        assert wait_for(lambda: m.stats()["totals"]["waiting"] == 900, 15)
+        ss = subprocess.run(["ss", "-Htn", "state", "established", "(", "dport", ">=",
+                             f":{m.base_port}", "and", "dport", "<=",
+                             f":{m.base_port + 1}", ")"],
+                            capture_output=True, text=True, timeout=10)
+        if ss.returncode == 0:      # ss is iproute2: skip this half where it is missing
+            ours = {"127.0.0.2": 0, "127.0.0.3": 0, "127.0.0.4": 0}
+            for line in ss.stdout.splitlines():
+                local = line.split()[2].rsplit(":", 1)[0]
+                if local in ours:   # (other tests on this box may hold 127.0.0.1 sockets)
+                    ours[local] += 1
+            assert sum(ours.values()) == 900, ours
+            assert all(250 <= n <= 350 for n in ours.values()), ours
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=5)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    s = json.loads(out.read_text())
+    assert s["source_ips"] == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert all(250 <= n <= 350 for n in s["per_source"].values()), s["per_source"]
+    assert s["ids_opened"] == 900
+
+
+def test_send_delivers_everything(manager_factory, tmp_path):
+    m = manager_factory()
+    s, output = run_client(m, "m", "127.0.0.1", "--conns", "500", "--procs", "2",
+                           "--send", "1000", "--send-rate", "2000", tmp_path=tmp_path)
+    assert s["sent"] == 1000 and s["received"] == 1000 and s["lost"] == 0
+    assert s["duplicates"] == 0 and s["unsendable"] == 0
+    assert s["status"].get("200") == 1000 and s["ids_opened"] == 500
+    lat = s["latency_ms"]
+    assert lat["count"] == 1000 and 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"]
+    assert s["msgs_per_s"] > 500
+    assert "lost 0" in output and "p99" in output
+
+
+def test_rate_paces_the_ramp(manager_factory, tmp_path):
+    m = manager_factory()
+    s, _ = run_client(m, "p", "127.0.0.1", "--conns", "600", "--procs", "2", "--rate", "300",
+                      "--hold", "0", tmp_path=tmp_path)
+    assert s["ids_opened"] == 600
+    assert 1.7 <= s["ramp_s"] <= 3.0 and 200 <= s["connect_rate"] <= 350, s
+
+
+def test_follows_307_and_repolls_after_204(manager_factory, tmp_path):
+    # --workers 1 is wrong on purpose: every id goes to worker 0, which redirects those it
+    # does not own; --poll-timeout makes the server answer 204 and the client poll again.
+    m = manager_factory("--poll-timeout", "0.5")
+    s, _ = run_client(m, "r", "127.0.0.1", "--conns", "200", "--workers", "1", "--hold", "1.6",
+                      tmp_path=tmp_path)
+    redirected = sum(owner(b"r%d" % i, 2) == 1 for i in range(200))
+    assert s["status"]["307"] == redirected
+    assert s["status"]["204"] >= 2 * 200
+    assert s["ids_opened"] == 200 and s["failed"] == {}
+
+
+def test_refused_names_the_cause(tmp_path):
+    port = free_port_block(1)
+    out = tmp_path / "s.json"
+    p = subprocess.run([*CLIENT, "x", "127.0.0.1", "--conns", "50", "--workers", "1",
+                        "--base-port", str(port), "--app-port", str(port), "--stall", "1",
+                        "--hold", "0", "--max-time", "10", "--json", str(out)],
+                       capture_output=True, text=True, timeout=20)
+    assert p.returncode == 0, p.stderr
+    s = json.loads(out.read_text())
+    assert s["ids_opened"] == 0 and s["failed"]["refused"] >= 50
+    assert "refused" in s["cause"] and "cause     server refused" in p.stdout
+
+
+def test_a_server_that_never_accepts_gives_timeouts(tmp_path):
+    import socket
+    port = free_port_block(2)
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", port))
+        lsock.listen(1)         # never accepted: the queue fills, later SYNs are dropped
+        out = tmp_path / "s.json"
+        p = subprocess.run([*CLIENT, "t", "127.0.0.1", "--conns", "20", "--workers", "1",
+                            "--base-port", str(port), "--app-port", str(port + 1),
+                            "--connect-timeout", "1", "--stall", "2.5", "--hold", "0",
+                            "--max-time", "10", "--json", str(out)],
+                           capture_output=True, text=True, timeout=20)
+    assert p.returncode == 0, p.stderr
+    s = json.loads(out.read_text())
+    assert s["failed"]["timeout"] > 0 and s["ids_opened"] < 20
+    assert s["cause"].startswith("connect timeouts")
+    assert s["listen_overflows"] is None or s["listen_overflows"] > 0
+
+
+def test_listen_overflows_reads_tcpext(tmp_path):
+    f = tmp_path / "netstat"
+    f.write_text("TcpExt: SyncookiesSent ListenOverflows ListenDrops\n"
+                 "TcpExt: 0 42 43\nIpExt: InNoRoutes\nIpExt: 0\n")
+    assert client.listen_overflows(str(f)) == 42
+    assert client.listen_overflows(str(tmp_path / "missing")) is None
+
+
+class LimitedManager(Manager):
+    """A manager (and its workers) under a low open-file limit: conftest's Manager, started
+    with setrlimit in the child."""
+
+    def __init__(self, nofile: int, workers: int = 2):
+        self.workers = workers
+        limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        for _ in range(5):  # another test may take the drawn ports between check and bind
+            self.base_port = free_port_block(workers)
+            self.app_port = free_port_block(1)
+            cmd = [sys.executable, str(ROOT / "manager.py"), "--host", "127.0.0.1",
+                   "--workers", str(workers), "--base-port", str(self.base_port),
+                   "--app-port", str(self.app_port), "--status-interval", "0"]
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True, preexec_fn=limit)
+            try:
+                self.wait_ready()
+                return
+            except PortTaken:
+                continue
+        raise RuntimeError("could not start a manager on free ports")
+
+
+def test_server_open_file_limit_is_named(tmp_path):
+    m = LimitedManager(nofile=200)
+    try:
+        s, output = run_client(m, "l", "127.0.0.1", "--conns", "1000", "--hold", "0",
+                               "--stall", "2", tmp_path=tmp_path)
+    finally:
+        m.stop()
+    assert s["server"] is not None and s["server"]["connections"] < 1000
+    assert "open-file limit" in s["cause"] and "server" in s["cause"]
+    assert "cause     server" in output
+
+
+def test_ctrl_c_stops_every_process_fast(manager_factory):
+    m = manager_factory()
+    cmd = [*CLIENT, "c", "127.0.0.1", "--conns", "2000", "--procs", "3", "--hold", "60",
+           "--base-port", str(m.base_port), "--app-port", str(m.app_port)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        assert wait_for(lambda: m.stats()["totals"]["waiting"] == 2000, 15)
+        t0 = time.monotonic()
+        os.killpg(p.pid, signal.SIGINT)     # what a terminal's Ctrl-C does: the whole group
+        output, _ = p.communicate(timeout=5)
+        assert time.monotonic() - t0 < 2.0
+        assert p.returncode == 0 and "stopped by SIGINT" in output
+        assert subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True).returncode == 1
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
