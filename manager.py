@@ -70,6 +70,7 @@ STATS_TIMEOUT = 1.0  # a worker that does not answer by then is shown with its l
 QUICK_DEATH = 1.0  # a worker dying younger than this is crash-looping: restart after a pause
 RESTART_PAUSE = 0.5  # keeps "restarted within 1 s" while not burning a CPU on a crash loop
 SHUTDOWN_GRACE = 3.0  # SIGTERM, then SIGKILL after this; the whole shutdown fits in 5 s
+APP_REASONS = {**server.REASONS, 202: b"Accepted"}
 STAT_FIELDS = ("connections", "waiting", "queued_messages", "queued_bytes", "delivered",
                "expired", "dropped", "rejected", "restarts", "rss_bytes", "accepted")
 
@@ -84,6 +85,22 @@ def describe_exit(status: int) -> str:
 
 def log(line: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
+
+def http_reply(status: int, body: dict, keep: bool) -> bytes:
+    """A whole app-port HTTP response with a JSON body."""
+    data = json.dumps(body).encode()
+    extra = b""
+    if status == 401:
+        extra = b"WWW-Authenticate: Bearer\r\n"
+    elif status == 405:
+        extra = b"Allow: GET\r\n" if body.get("error") == "use GET" else b"Allow: POST\r\n"
+    return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s" \
+        b"Connection: %s\r\n\r\n%s" % (status, APP_REASONS.get(status, b""), len(data), extra,
+                                        b"keep-alive" if keep else b"close", data)
+
+
+ACCEPTED_KEEP = http_reply(202, {"ok": True}, True)  # the answer to nearly every publish
 
 
 def high_dup(fd: int) -> int:
@@ -551,98 +568,88 @@ class Manager:
         return {"ok": True}, authed
 
     async def serve_http(self, reader, writer, buf: bytes) -> None:
-        """HTTP/1.1 with keep-alive: POST /send/<id>, POST /broadcast, GET /stats."""
+        """HTTP/1.1 with keep-alive: POST /send/<id>, POST /broadcast, GET /stats.
+        Pipelined requests already in the buffer are answered in one go, one drain."""
         scanned = 0
+        continued = False  # "100 Continue" sent for the request being read
         while True:
             try:
                 req, used = parse_request(buf, scanned, APP_HEAD_MAX)
             except HTTPError as err:
                 self.app_rejected += 1
-                return await self.http_reply(writer, err.status, {"ok": False,
-                                                                  "error": err.reason}, False)
-            if req is None:
-                scanned = used
+                writer.write(http_reply(err.status, {"ok": False, "error": err.reason}, False))
+                return
+            if req is not None:
+                length, error = self.body_length(req)
+                if error is not None:
+                    self.app_rejected += 1
+                    writer.write(http_reply(error[0], {"ok": False, "error": error[1]}, False))
+                    return
+                if length and len(buf) < used + length and not continued and \
+                        req.headers.get(b"expect", b"").lower() == b"100-continue":
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    continued = True
+            if req is None or len(buf) < used + length:
+                scanned = used if req is None else 0  # a whole head is parsed again: cheap
+                await writer.drain()
                 data = await self.read_more(reader)
                 if not data:
                     return
                 buf += data
                 continue
-            buf, scanned = buf[used:], 0
-            h = req.headers
-            conn = h.get(b"connection", b"").lower()
+            body, buf, scanned = buf[used:used + length], buf[used + length:], 0
+            continued = False
+            conn = req.headers.get(b"connection", b"").lower()
             keep = b"close" not in conn if req.version == b"HTTP/1.1" else b"keep-alive" in conn
-            status, body, keep, buf = await self.http_request(reader, writer, req, buf, keep)
-            if status is None:
-                return
-            if not await self.http_reply(writer, status, body, keep):
+            if req.path == b"/stats" and req.method == b"GET" and self.authorized(req):
+                writer.write(http_reply(200, await self.stats(), keep))
+            else:
+                writer.write(self.http_action(req, body, keep))
+            if not keep:
                 return
 
-    async def http_request(self, reader, writer, req, buf: bytes, keep: bool):
-        """Read the body, act; returns (status, JSON body, keep-alive, leftover bytes)."""
+    def body_length(self, req):
+        """(length, None), or (None, (status, why)) for a body we will not read."""
         h = req.headers
         if b"transfer-encoding" in h:
-            return 411, {"ok": False, "error": "send Content-Length, not chunked"}, False, buf
+            return None, (411, "send Content-Length, not chunked")
         length = h.get(b"content-length")
-        if length is not None and not length.isdigit():
-            return 400, {"ok": False, "error": "invalid Content-Length"}, False, buf
-        length = int(length) if length is not None else None
-        if length is not None and length > self.opts.max_message:
-            self.app_rejected += 1
-            return 413, {"ok": False, "error": f"message over --max-message "
-                                               f"({self.opts.max_message} bytes)"}, False, buf
-        if length and h.get(b"expect", b"").lower() == b"100-continue":
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while length and len(buf) < length:
-            data = await self.read_more(reader)
-            if not data:
-                return None, None, False, b""
-            buf += data
-        body, buf = (buf[:length], buf[length:]) if length else (b"", buf)
+        if length is None:
+            return 0, None
+        if not length.isdigit():
+            return None, (400, "invalid Content-Length")
+        if int(length) > self.opts.max_message:
+            return None, (413, f"message over --max-message ({self.opts.max_message} bytes)")
+        return int(length), None
 
+    def authorized(self, req) -> bool:
         token = self.opts.app_token
-        if token is not None:
-            given = h.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + token.encode()):
-                self.app_rejected += 1
-                return 401, {"ok": False, "error": "Authorization: Bearer <token> required"}, \
-                    keep, buf
+        return token is None or hmac.compare_digest(req.headers.get(b"authorization", b""),
+                                                    b"Bearer " + token.encode())
+
+    def http_action(self, req, body: bytes, keep: bool) -> bytes:
+        """Act on one whole request (but GET /stats); returns the whole response."""
+        def no(status, why):
+            self.app_rejected += 1
+            return http_reply(status, {"ok": False, "error": why}, keep)
+        if not self.authorized(req):
+            return no(401, "Authorization: Bearer <token> required")
         path = req.path
         if path.startswith(b"/send/") or path == b"/broadcast":
             if req.method != b"POST":
-                return 405, {"ok": False, "error": "use POST"}, keep, buf
-            if length is None:
-                return 411, {"ok": False, "error": "Content-Length required"}, False, buf
+                return no(405, "use POST")
+            if b"content-length" not in req.headers:
+                return no(411, "Content-Length required")
             if path == b"/broadcast":
                 self.broadcast(body)
-                return 202, {"ok": True}, keep, buf
-            id_ = path[6:]
-            if not valid_id(id_):
-                self.app_rejected += 1
-                return 400, {"ok": False, "error": "invalid id: 1-128 of [A-Za-z0-9_~-]"}, \
-                    keep, buf
-            self.send(id_, body)
-            return 202, {"ok": True}, keep, buf
+            elif valid_id(path[6:]):
+                self.send(path[6:], body)
+            else:
+                return no(400, "invalid id: 1-128 of [A-Za-z0-9_~-]")
+            return ACCEPTED_KEEP if keep else http_reply(202, {"ok": True}, False)
         if path == b"/stats":
-            if req.method != b"GET":
-                return 405, {"ok": False, "error": "use GET"}, keep, buf
-            return 200, await self.stats(), keep, buf
-        return 404, {"ok": False, "error": "POST /send/<id>, POST /broadcast, GET /stats"}, \
-            keep, buf
-
-    async def http_reply(self, writer, status: int, body: dict, keep: bool) -> bool:
-        data = json.dumps(body).encode()
-        extra = b""
-        if status == 401:
-            extra += b"WWW-Authenticate: Bearer\r\n"
-        if status == 405:
-            extra += b"Allow: " + (b"GET" if body.get("error") == "use GET" else b"POST") + \
-                b"\r\n"
-        writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n%sConnection: %s\r\n\r\n%s" % (
-                         status, server.REASONS.get(status, b"Accepted"), len(data), extra,
-                         b"keep-alive" if keep else b"close", data))
-        await writer.drain()
-        return keep
+            return no(405, "use GET")
+        return no(404, "POST /send/<id>, POST /broadcast, GET /stats")
 
     # -- start and run -----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -119,8 +120,12 @@ def http_request(port: int, raw: str | bytes, timeout: float = 5.0):
         return read_response(s)
 
 
+_leftover = weakref.WeakKeyDictionary()  # bytes read past one response (pipelining)
+
+
 def read_response(s: socket.socket):
-    data = b""
+    """Read exactly one response; bytes of the next one are kept for the next call."""
+    data = _leftover.pop(s, b"")
     while b"\r\n\r\n" not in data:
         chunk = s.recv(65536)
         if not chunk:
@@ -139,6 +144,9 @@ def read_response(s: socket.socket):
         if not chunk:
             break
         body += chunk
+    if len(body) > length:
+        _leftover[s] = body[length:]
+        body = body[:length]
     return status, headers, body
 
 
