@@ -569,44 +569,58 @@ class Manager:
 
     async def serve_http(self, reader, writer, buf: bytes) -> None:
         """HTTP/1.1 with keep-alive: POST /send/<id>, POST /broadcast, GET /stats.
-        Pipelined requests already in the buffer are answered in one go, one drain."""
-        scanned = 0
+        Pipelined requests already in the buffer are answered with one write: asyncio's
+        write() is a send() each time its buffer is empty."""
+        pos = scanned = 0  # the request being read starts at buf[pos]
         continued = False  # "100 Continue" sent for the request being read
-        while True:
-            try:
-                req, used = parse_request(buf, scanned, APP_HEAD_MAX)
-            except HTTPError as err:
-                self.app_rejected += 1
-                writer.write(http_reply(err.status, {"ok": False, "error": err.reason}, False))
-                return
-            if req is not None:
-                length, error = self.body_length(req)
-                if error is not None:
+        out = []
+        try:
+            while True:
+                try:
+                    # A head-sized slice: slicing all the rest per request would be quadratic.
+                    head = buf[pos:pos + APP_HEAD_MAX + 4]
+                    req, used = parse_request(head, scanned, APP_HEAD_MAX)
+                except HTTPError as err:
                     self.app_rejected += 1
-                    writer.write(http_reply(error[0], {"ok": False, "error": error[1]}, False))
+                    out.append(http_reply(err.status, {"ok": False, "error": err.reason}, False))
                     return
-                if length and len(buf) < used + length and not continued and \
-                        req.headers.get(b"expect", b"").lower() == b"100-continue":
-                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    continued = True
-            if req is None or len(buf) < used + length:
-                scanned = used if req is None else 0  # a whole head is parsed again: cheap
+                if req is not None:
+                    length, error = self.body_length(req)
+                    if error is not None:
+                        self.app_rejected += 1
+                        out.append(http_reply(error[0], {"ok": False, "error": error[1]}, False))
+                        return
+                    used += pos
+                    if length and len(buf) < used + length and not continued and \
+                            req.headers.get(b"expect", b"").lower() == b"100-continue":
+                        out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        continued = True
+                if req is None or len(buf) < used + length:
+                    scanned = used if req is None else 0  # a whole head is parsed again: cheap
+                    if out:
+                        writer.write(b"".join(out))
+                        out.clear()
+                    await writer.drain()
+                    data = await self.read_more(reader)
+                    if not data:
+                        return
+                    buf, pos = buf[pos:] + data, 0
+                    continue
+                body, pos, scanned = buf[used:used + length], used + length, 0
+                continued = False
+                conn = req.headers.get(b"connection", b"").lower()
+                keep = b"close" not in conn if req.version == b"HTTP/1.1" else \
+                    b"keep-alive" in conn
+                if req.path == b"/stats" and req.method == b"GET" and self.authorized(req):
+                    out.append(http_reply(200, await self.stats(), keep))
+                else:
+                    out.append(self.http_action(req, body, keep))
+                if not keep:
+                    return
+        finally:
+            if out:
+                writer.write(b"".join(out))
                 await writer.drain()
-                data = await self.read_more(reader)
-                if not data:
-                    return
-                buf += data
-                continue
-            body, buf, scanned = buf[used:used + length], buf[used + length:], 0
-            continued = False
-            conn = req.headers.get(b"connection", b"").lower()
-            keep = b"close" not in conn if req.version == b"HTTP/1.1" else b"keep-alive" in conn
-            if req.path == b"/stats" and req.method == b"GET" and self.authorized(req):
-                writer.write(http_reply(200, await self.stats(), keep))
-            else:
-                writer.write(self.http_action(req, body, keep))
-            if not keep:
-                return
 
     def body_length(self, req):
         """(length, None), or (None, (status, why)) for a body we will not read."""

@@ -320,6 +320,22 @@ def test_http_keep_alive_two_requests_on_one_connection(manager):
     assert poll_now(m.port_for(b), b)[3] == b"second"
 
 
+def test_http_many_pipelined_requests_in_one_write(manager):
+    """3,000 publishes in one write, one of them split over two sends: every one is answered
+    202 in order and queued once; the last body arrives in a later segment."""
+    m = manager
+    ids = [f"pp{i}" for i in range(3000)]
+    data = b"".join(post(f"/send/{id_}", b"m" + id_.encode()) for id_ in ids)
+    with app_connect(m, timeout=10) as s:
+        s.sendall(data[:-3])
+        time.sleep(0.1)
+        s.sendall(data[-3:])
+        for _ in ids:
+            assert read_response(s)[0] == 202
+    wait_total(m, "queued_messages", len(ids))
+    assert poll_now(m.port_for(ids[-1]), ids[-1])[3] == b"m" + ids[-1].encode()
+
+
 def test_http_broadcast_202(manager):
     m = manager
     a, b = id_for(0, "hb"), id_for(1, "hb")
