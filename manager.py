@@ -286,7 +286,8 @@ class Manager:
                 "--base-port", str(o.base_port), "--queue-ttl", str(o.queue_ttl),
                 "--queue-max", str(o.queue_max), "--queue-bytes", str(o.queue_bytes),
                 "--poll-timeout", str(o.poll_timeout), "--header-timeout",
-                str(o.header_timeout), "--cors-origin", o.cors_origin]
+                str(o.header_timeout), "--write-timeout", str(o.write_timeout),
+                "--cors-origin", o.cors_origin]
 
     async def spawn(self, slot: Slot) -> None:
         if self.stopping:
@@ -742,6 +743,8 @@ def parse_args(argv=None):
                    help="TCP keepalive idle seconds on client sockets (0: off)")
     p.add_argument("--header-timeout", type=positive(float), default=10.0,
                    help="close connections that sent no whole request head by then")
+    p.add_argument("--write-timeout", type=positive(float), default=30.0,
+                   help="close a client that has not read its whole answer by then")
     p.add_argument("--status-interval", type=non_negative, default=10.0,
                    help="status line period in seconds (0: off)")
     p.add_argument("--cors-origin", default="*", help="Access-Control-Allow-Origin value")

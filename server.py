@@ -253,6 +253,7 @@ class Worker:
         self.queue_bytes_max = opts.queue_bytes
         self.poll_timeout = opts.poll_timeout
         self.header_timeout = opts.header_timeout
+        self.write_timeout = opts.write_timeout
         self.tail = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: %s\r\n"
                      b"Connection: close\r\n\r\n" % opts.cors_origin.encode())
         self.info = json.dumps({"worker": self.n, "workers": self.workers,
@@ -273,6 +274,7 @@ class Worker:
         self.reading: dict = {}  # fd -> [deadline, bytes so far, scanned]; accept order
         self.poll_deadlines: dict = {}  # fd -> deadline, only with --poll-timeout; wait order
         self.lingering: dict = {}  # fd -> deadline; answered errors being drained
+        self.flushing: dict = {}  # fd -> deadline; answers the client is slow to read
         self.outbuf: dict = {}  # fd -> bytes not yet written (the answer, then close)
         self.jsonp: dict = {}  # fd -> callback name, for the few waiting JSONP polls
 
@@ -308,7 +310,9 @@ class Worker:
             self.reading.pop(fd, None)
         elif s == LINGER:
             self.lingering.pop(fd, None)
-        self.outbuf.pop(fd, None)
+        elif self.outbuf and fd in self.outbuf:
+            del self.outbuf[fd]
+            self.flushing.pop(fd, None)
         self.state[fd] = None
         self.connections -= 1
         os.close(fd)  # also removes it from the epoll set: nothing else holds this file
@@ -347,6 +351,7 @@ class Worker:
             return True
         # The rest waits for EPOLLOUT; asking for it only now saves a wake-up per connection.
         self.outbuf[fd] = data[n:]
+        self.flushing[fd] = time.monotonic() + self.write_timeout
         self.watch(fd, EPOLL_CLIENT | select.EPOLLOUT)
         return True
 
@@ -705,34 +710,19 @@ class Worker:
         Each table is in deadline order, so only its head is ever looked at twice."""
         nxt = []
         if self.reading:
-            expired = []
-            for fd, entry in self.reading.items():
-                if entry[0] > now:
-                    nxt.append(entry[0])
-                    break
-                expired.append(fd)
-            for fd in expired:
+            for fd in due(self.reading, now, nxt):
                 self.rejected += 1
                 self.close(fd)  # a slow or silent client: no answer, it sent no request
         if self.poll_deadlines:
-            expired = []
-            for fd, deadline in self.poll_deadlines.items():
-                if deadline > now:
-                    nxt.append(deadline)
-                    break
-                expired.append(fd)
-            for fd in expired:
+            for fd in due(self.poll_deadlines, now, nxt):
                 if fd in self.poll_deadlines:
                     self.answer(fd, response_head(204, 0, TEXT, self.tail))
         if self.lingering:
-            expired = []
-            for fd, deadline in self.lingering.items():
-                if deadline > now:
-                    nxt.append(deadline)
-                    break
-                expired.append(fd)
-            for fd in expired:
+            for fd in due(self.lingering, now, nxt):
                 self.close(fd)
+        if self.flushing:
+            for fd in due(self.flushing, now, nxt):
+                self.close(fd)  # a client that does not read its answer
         order = self.order
         while order and order[0][0] <= now:
             entry = order.popleft()
@@ -793,6 +783,20 @@ class Worker:
             timeout = self.sweep(time.monotonic())
 
 
+def due(table: dict, now: float, nxt: list) -> list:
+    """The fds of `table` whose deadline has passed; the next deadline is added to `nxt`.
+    A table holds one kind of timeout and is filled in time order, so it is in deadline
+    order: the scan stops at the first one still running."""
+    expired = []
+    for fd, value in table.items():
+        deadline = value if value.__class__ is float else value[0]
+        if deadline > now:
+            nxt.append(deadline)
+            break
+        expired.append(fd)
+    return expired
+
+
 def query_callback(query: bytes):
     for part in query.split(b"&"):
         if part.startswith(b"callback="):
@@ -844,6 +848,7 @@ def parse_args(argv=None):
     p.add_argument("--queue-bytes", type=int, default=64 * 1024 * 1024)
     p.add_argument("--poll-timeout", type=float, default=0.0)
     p.add_argument("--header-timeout", type=float, default=10.0)
+    p.add_argument("--write-timeout", type=float, default=30.0)
     p.add_argument("--cors-origin", default="*")
     p.add_argument("--listen-fd", type=int, default=LISTEN_FD)
     p.add_argument("--link-fd", type=int, default=LINK_FD)

@@ -1,6 +1,7 @@
 """A worker out of file descriptors: accept() fails with EMFILE. It must not spin, must keep
 serving what it holds, answer /stats, and take the waiting connections once fds free up."""
 
+import socket
 import time
 
 from test_comet import answer, id_for, ids_for, send, start_poll, wait_until
@@ -59,3 +60,24 @@ def test_full_worker_does_not_disturb_the_other(manager_factory):
         for s in socks:
             s.close()
         waiter.close()
+
+
+def test_client_that_does_not_read_its_answer_is_closed_after_write_timeout(manager_factory):
+    """An 8 MB answer to a client with a tiny receive window that never reads: the worker
+    keeps the rest for --write-timeout, then closes it; others are served meanwhile."""
+    m = manager_factory("--max-message", "8000000", "--write-timeout", "0.5", workers=1)
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", m.base_port))
+    slow.sendall(b"GET /slow.js HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_until(lambda: m.stats()["totals"]["waiting"] == 1, 5, what="slow client waiting")
+    other = start_poll(m.base_port, "other")
+    try:
+        send(m, "slow", b"x" * 8_000_000)
+        wait_until(lambda: m.stats()["totals"]["connections"] == 1, 5,
+                   what="the slow reader closed after --write-timeout")
+        send(m, "other", b"served")
+        assert answer(other)[3] == b"served"
+    finally:
+        slow.close()
+        other.close()
