@@ -74,7 +74,6 @@ import ipaddress
 import json
 import math
 import os
-import resource
 import select
 import signal
 import socket
@@ -86,6 +85,7 @@ from array import array
 from collections import deque
 
 from server import owner, valid_id
+from tuning.check import raise_nofile
 
 # ---------------------------------------------------------------------------------------------
 # Constants and limits
@@ -233,20 +233,6 @@ def plan_procs(conns: int, nofile_hard: int, override: int | None = None
                    f"({nofile_hard:,} - {FD_MARGIN} kept free); {needed} processes would fit: "
                    f"expect EMFILE")
     return procs, warning
-
-
-def raise_nofile() -> int:
-    """Raise the soft open-file limit to the hard one; returns the limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 def listen_overflows(path: str = "/proc/net/netstat") -> int | None:

@@ -34,7 +34,6 @@ import fcntl
 import hmac
 import json
 import os
-import resource
 import signal
 import socket
 import sys
@@ -54,7 +53,7 @@ from server import (
     parse_request,
     valid_id,
 )
-from tuning.check import manager_capacity_line
+from tuning.check import manager_capacity_line, raise_nofile
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -754,18 +753,6 @@ def parse_args(argv=None):
     if opts.base_port + opts.workers - 1 > 65535:
         p.error("--base-port + --workers runs past port 65535")
     return opts
-
-
-def raise_nofile() -> int:
-    """Soft open-file limit up to the hard one; the workers inherit it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 def main(argv=None) -> int:

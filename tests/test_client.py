@@ -3,14 +3,13 @@ on loopback (small counts, every run bounded by --max-time and a subprocess time
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT, Manager, PortTaken, free_port_block
+from conftest import ROOT, free_port_block
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -390,36 +389,10 @@ def test_listen_overflows_reads_tcpext(tmp_path):
     assert client.listen_overflows(str(tmp_path / "missing")) is None
 
 
-class LimitedManager(Manager):
-    """A manager (and its workers) under a low open-file limit: conftest's Manager, started
-    with setrlimit in the child."""
-
-    def __init__(self, nofile: int, workers: int = 2):
-        self.workers = workers
-        limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-        for _ in range(5):  # another test may take the drawn ports between check and bind
-            self.base_port = free_port_block(workers)
-            self.app_port = free_port_block(1)
-            cmd = [sys.executable, str(ROOT / "manager.py"), "--host", "127.0.0.1",
-                   "--workers", str(workers), "--base-port", str(self.base_port),
-                   "--app-port", str(self.app_port), "--status-interval", "0"]
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True, preexec_fn=limit)
-            try:
-                self.wait_ready()
-                return
-            except PortTaken:
-                continue
-        raise RuntimeError("could not start a manager on free ports")
-
-
-def test_server_open_file_limit_is_named(tmp_path):
-    m = LimitedManager(nofile=200)
-    try:
-        s, output = run_client(m, "l", "127.0.0.1", "--conns", "1000", "--hold", "0",
-                               "--stall", "2", tmp_path=tmp_path)
-    finally:
-        m.stop()
+def test_server_open_file_limit_is_named(tmp_path, manager_factory):
+    m = manager_factory(nofile=200)
+    s, output = run_client(m, "l", "127.0.0.1", "--conns", "1000", "--hold", "0",
+                           "--stall", "2", tmp_path=tmp_path)
     assert s["server"] is not None and s["server"]["connections"] < 1000
     assert "open-file limit" in s["cause"] and "server" in s["cause"]
     assert "cause     server" in output

@@ -209,6 +209,21 @@ def read_box(root: str = "/") -> Box:
     )
 
 
+def raise_nofile() -> int:
+    """Raise this process's soft open-file limit to the hard one (children inherit it);
+    returns the limit now in force. The manager and client.py call it at start."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 # --- arithmetic --------------------------------------------------------------------------------
 # One function per limit, each answering "how many connections does this allow". `sides` is how
 # many sockets one connection costs on this box: 1 for a server or a client alone, 2 when both
