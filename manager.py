@@ -43,6 +43,8 @@ from pathlib import Path
 
 import server
 from server import (
+    ACK,
+    ACK_BODY,
     BROADCAST,
     LINK_FD,
     LINK_HEAD,
@@ -125,7 +127,7 @@ class Slot:
         self.pid = None
         self.started = 0.0
         self.restarts = 0
-        self.link = None  # asyncio transport while the worker is up
+        self.link = None  # its Link while the worker is up
         self.outgoing: list = []  # frames for the link, written at the end of this loop pass
         self.held: deque = deque()  # frames for a worker that is restarting
         self.held_bytes = 0
@@ -135,18 +137,37 @@ class Slot:
 
 
 class Link(asyncio.Protocol):
-    """The manager's end of one worker's link."""
+    """The manager's end of one worker's link.
+
+    Every frame written is kept in `unacked` until the worker acknowledges the bytes it has
+    read and acted on; if the worker dies first, those frames go back to the front of the
+    slot's held queue and its successor gets them. So a worker's death loses no message still
+    on its way to it; one it had acted on but not yet acknowledged (at most one read) may be
+    delivered twice."""
 
     def __init__(self, manager: "Manager", slot: Slot):
         self.manager, self.slot = manager, slot
+        self.transport = None
         self.buf = b""
+        self.sent = 0  # bytes written to this link, in all
+        self.unacked: deque = deque()  # (self.sent after them, [frames])
+
+    def alive(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def send(self, frames: list) -> None:
+        data = b"".join(frames)
+        self.transport.write(data)
+        self.sent += len(data)
+        self.unacked.append((self.sent, frames))
 
     def connection_made(self, transport) -> None:
         slot = self.slot
+        self.transport = transport
         transport.set_write_buffer_limits(high=LINK_HIGH_WATER, low=LINK_LOW_WATER)
-        slot.link = transport
+        slot.link = self
         if slot.held:
-            transport.write(b"".join(slot.held))
+            self.send(list(slot.held))
             slot.held.clear()
             slot.held_bytes = 0
         self.manager.unblock(("held", slot.n))
@@ -159,18 +180,24 @@ class Link(asyncio.Protocol):
             end = pos + LINK_HEAD.size + idlen + size
             if end > len(buf):
                 break
-            if kind == STATS:
-                stats = json.loads(buf[end - size:end])
-                slot = self.slot
-                if not slot.base_rss or stats["connections"] == 0:
-                    slot.base_rss = stats["rss_bytes"]
-                slot.last_stats = stats
-                if slot.pending_stats:
-                    fut = slot.pending_stats.popleft()
-                    if not fut.done():
-                        fut.set_result(stats)
+            if kind == ACK:
+                done = ACK_BODY.unpack_from(buf, end - size)[0]
+                while self.unacked and self.unacked[0][0] <= done:
+                    self.unacked.popleft()
+            elif kind == STATS:
+                self.stats_received(json.loads(buf[end - size:end]))
             pos = end
         self.buf = buf[pos:]
+
+    def stats_received(self, stats: dict) -> None:
+        slot = self.slot
+        if not slot.base_rss or stats["connections"] == 0:
+            slot.base_rss = stats["rss_bytes"]
+        slot.last_stats = stats
+        if slot.pending_stats:
+            fut = slot.pending_stats.popleft()
+            if not fut.done():
+                fut.set_result(stats)
 
     def pause_writing(self) -> None:
         self.manager.block(("link", self.slot.n))
@@ -180,11 +207,15 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         slot = self.slot
-        slot.link = None
-        while slot.pending_stats:
-            fut = slot.pending_stats.popleft()
-            if not fut.done():
-                fut.set_result(None)
+        if slot.link is self:
+            slot.link = None
+            while slot.pending_stats:
+                fut = slot.pending_stats.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+        replay = [f for _, frames in self.unacked for f in frames if f[:1] != STATS]
+        self.unacked.clear()
+        self.manager.replay(slot, replay)
         self.manager.unblock(("link", slot.n))
 
 
@@ -237,7 +268,7 @@ class Manager:
         """Queue a frame for a worker. Frames are written once per loop pass, joined: one
         send() for a whole read of binary frames instead of one per message."""
         link = slot.link
-        if link is not None and not link.is_closing():
+        if link is not None and link.alive():
             slot.outgoing.append(data)
             if not self.flush_soon:
                 self.flush_soon = True
@@ -259,12 +290,27 @@ class Manager:
             if not slot.outgoing:
                 continue
             link = slot.link
-            if link is not None and not link.is_closing():
-                link.write(b"".join(slot.outgoing))
+            if link is not None and link.alive():
+                link.send(slot.outgoing)
             else:
                 for data in slot.outgoing:
                     self.hold(slot, data)
-            slot.outgoing.clear()
+            slot.outgoing = []
+
+    def replay(self, slot: Slot, frames: list) -> None:
+        """Frames a dead worker never acknowledged: first in line for its successor."""
+        if not frames:
+            return
+        slot.held.extendleft(reversed(frames))
+        slot.held_bytes += sum(map(len, frames))
+        if slot.held_bytes > self.opts.queue_bytes:
+            self.block(("held", slot.n))
+        link = slot.link
+        if link is not None and link.alive():  # the successor is already up
+            link.send(list(slot.held))
+            slot.held.clear()
+            slot.held_bytes = 0
+            self.unblock(("held", slot.n))
 
     # -- workers -----------------------------------------------------------------------------
 
@@ -326,7 +372,7 @@ class Manager:
                 continue
             slot.pid = None
             if slot.link is not None:
-                slot.link.close()
+                slot.link.transport.close()
             if self.stopping:
                 if all(s.pid is None for s in self.slots):
                     self.done.set()
@@ -350,7 +396,7 @@ class Manager:
         self.stopping = True
         for slot in self.slots:
             if slot.link is not None:
-                slot.link.close()
+                slot.link.transport.close()
             if slot.pid is not None:
                 try:
                     os.kill(slot.pid, signal.SIGTERM)
@@ -428,7 +474,7 @@ class Manager:
     async def app_connection(self, reader, writer) -> None:
         self.app_connections += 1
         try:
-            await self.flow.wait()
+            # Not held back by backpressure: a GET /stats is most wanted exactly then.
             data = await reader.read(APP_READ_SIZE)
             if not data:
                 return
@@ -446,6 +492,8 @@ class Manager:
                 self.app_error(writer, f"unknown protocol (first byte 0x{first:02x})")
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except Exception as e:  # a bug shown in one line, never a silent dead connection
+            self.app_error(writer, f"internal error {e!r}")
         finally:
             self.app_connections -= 1
             writer.close()
@@ -524,14 +572,14 @@ class Manager:
             return {"ok": False, "error": why}, authed
         try:
             obj = json.loads(line)
-        except ValueError as e:
-            return no(f"invalid JSON: {e}")
+        except (ValueError, RecursionError) as e:
+            return no(f"invalid JSON: {str(e)[:200]}")
         if not isinstance(obj, dict):
             return no("each line must be a JSON object")
         if "auth" in obj:
             token, expected = obj["auth"], self.opts.app_token
             if expected is not None and not (isinstance(token, str) and hmac.compare_digest(
-                    token.encode(), expected.encode())):
+                    token.encode("utf-8", "surrogatepass"), expected.encode())):
                 return no("wrong token")
             authed = True
             if len(obj) == 1:
@@ -593,6 +641,11 @@ class Manager:
                     used += pos
                     if length and len(buf) < used + length and not continued and \
                             req.headers.get(b"expect", b"").lower() == b"100-continue":
+                        stats = req.path == b"/stats" and req.method == b"GET"
+                        refused = None if stats else self.http_action(req, None, False)
+                        if refused is not None:  # no body wanted: refuse before it is sent
+                            out.append(refused)
+                            return
                         out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
                         continued = True
                 if req is None or len(buf) < used + length:
@@ -632,17 +685,23 @@ class Manager:
             return 0, None
         if not length.isdigit():
             return None, (400, "invalid Content-Length")
-        if int(length) > self.opts.max_message:
+        # Length of the digits first: int() refuses strings over 4,300 digits.
+        if len(length.lstrip(b"0")) > len(str(self.opts.max_message)) or \
+                int(length) > self.opts.max_message:
             return None, (413, f"message over --max-message ({self.opts.max_message} bytes)")
         return int(length), None
 
     def authorized(self, req) -> bool:
         token = self.opts.app_token
-        return token is None or hmac.compare_digest(req.headers.get(b"authorization", b""),
-                                                    b"Bearer " + token.encode())
+        if token is None:
+            return True
+        scheme, _, given = req.headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(),
+                                                                   token.encode())
 
-    def http_action(self, req, body: bytes, keep: bool) -> bytes:
-        """Act on one whole request (but GET /stats); returns the whole response."""
+    def http_action(self, req, body, keep: bool):
+        """Act on one whole request (but GET /stats); returns the whole response. With body
+        None it only checks: the refusal, or None if the request would be taken."""
         def no(status, why):
             self.app_rejected += 1
             return http_reply(status, {"ok": False, "error": why}, keep)
@@ -654,12 +713,14 @@ class Manager:
                 return no(405, "use POST")
             if b"content-length" not in req.headers:
                 return no(411, "Content-Length required")
+            if path != b"/broadcast" and not valid_id(path[6:]):
+                return no(400, "invalid id: 1-128 of [A-Za-z0-9_~-]")
+            if body is None:
+                return None
             if path == b"/broadcast":
                 self.broadcast(body)
-            elif valid_id(path[6:]):
-                self.send(path[6:], body)
             else:
-                return no(400, "invalid id: 1-128 of [A-Za-z0-9_~-]")
+                self.send(path[6:], body)
             return ACCEPTED_KEEP if keep else http_reply(202, {"ok": True}, False)
         if path == b"/stats":
             return no(405, "use GET")

@@ -82,6 +82,7 @@ EMFILE_BACKOFF = 0.5  # seconds the listener rests after accept() ran out of fil
 ID_RE = re.compile(rb"[A-Za-z0-9_~-]{1,128}")
 CALLBACK_RE = re.compile(rb"[A-Za-z_$][A-Za-z0-9_$.]{0,63}")
 HOST_RE = re.compile(rb"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+TARGET_RE = re.compile(rb"/[\x21-\x7e]*")
 TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 # Connection states that are not "waiting on an id" (a waiting fd's state is its id, bytes).
@@ -89,7 +90,8 @@ READING, WRITING, LINGER = 1, 2, 3
 
 # Link frames, manager <-> worker: kind, id length, payload length, then id and payload.
 LINK_HEAD = struct.Struct("!cBI")
-MSG, BROADCAST, STATS = b"M", b"B", b"S"
+MSG, BROADCAST, STATS, ACK = b"M", b"B", b"S", b"A"
+ACK_BODY = struct.Struct("!Q")  # link bytes this worker has read and acted on, in all
 
 EPOLL_CLIENT = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 
@@ -176,8 +178,9 @@ def parse_request(buf: bytes, scanned: int = 0, limit: int = MAX_HEAD):
         raise HTTPError(400, "malformed method")
     if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         raise HTTPError(400, "only HTTP/1.0 and HTTP/1.1 are served")
-    if not target.startswith(b"/"):
-        raise HTTPError(400, "request target must be a path")
+    if TARGET_RE.fullmatch(target) is None:
+        # Visible ASCII only (RFC 9112 3.2): the target is echoed into a 307's Location.
+        raise HTTPError(400, "request target must be a path of visible ASCII")
     path, _, query = target.partition(b"?")
     headers = {}
     for raw in lines[1:-2]:
@@ -285,6 +288,8 @@ class Worker:
         self.order: deque = deque()  # every queued entry in arrival (= expiry) order
         self.link_in = b""
         self.link_out = b""
+        self.link_out_armed = False  # EPOLLOUT asked for on the link
+        self.link_read = 0  # link bytes read; those not in link_in were acted on
         self.link_hot = False  # the link had more to read when the per-turn cap stopped us
         self.accept_hot = False  # same for the listener
         self.accept_paused_until = 0.0  # EMFILE: listener unwatched until then
@@ -336,11 +341,13 @@ class Worker:
 
     # -- writing answers ---------------------------------------------------------------------
 
-    def answer(self, fd: int, data: bytes) -> bool:
-        """Write a whole answer and close; False if the peer is already gone."""
+    def answer(self, fd: int, data: bytes, linger: bool = False) -> bool:
+        """Write a whole answer, then close (or linger); False if the peer is already gone."""
         s = self.state[fd]
         if s.__class__ is bytes:
             self.forget_waiter(fd, s)
+        elif s == READING:
+            self.reading.pop(fd, None)
         self.state[fd] = WRITING
         try:
             n = os.write(fd, data)
@@ -350,7 +357,10 @@ class Worker:
             self.close(fd)
             return False
         if n == len(data):
-            self.close(fd)
+            if linger:
+                self.linger(fd)
+            else:
+                self.close(fd)
             return True
         # The rest waits for EPOLLOUT; asking for it only now saves a wake-up per connection.
         self.outbuf[fd] = memoryview(data)[n:]  # slices of it copy nothing
@@ -359,16 +369,17 @@ class Worker:
         return True
 
     def refuse(self, fd: int, err: HTTPError, extra: bytes = b"") -> None:
-        """Answer an error, shut our side, and drain the client's leftovers before closing,
-        so it reads the status instead of a connection reset."""
+        """Answer an error with a one-line reason; it lingers, as the client may have sent
+        more than we read."""
         self.rejected += 1
         body = err.reason.encode() + b"\n"
-        data = response_head(err.status, len(body), TEXT, self.tail, extra) + body
-        if self.state[fd] == READING:
-            self.reading.pop(fd, None)
-        self.state[fd] = WRITING
+        self.answer(fd, response_head(err.status, len(body), TEXT, self.tail, extra) + body,
+                    linger=True)
+
+    def linger(self, fd: int) -> None:
+        """Shut our side and drain the client's leftovers for a moment before closing:
+        closing over unread bytes sends a reset, which can destroy the answer just sent."""
         try:
-            os.write(fd, data)
             sock = socket.socket(fileno=fd)
             try:
                 sock.shutdown(socket.SHUT_WR)
@@ -446,6 +457,7 @@ class Worker:
         not registered with epoll, no row (most connections never need one)."""
         fresh = entry is None
         buf, scanned = (b"", 0) if fresh else (entry[1], entry[2])
+        eof = False
         while True:
             want = MAX_HEAD + 1 - len(buf)
             try:
@@ -456,8 +468,8 @@ class Worker:
                 self.close(fd)
                 return
             if not chunk:
-                self.close(fd)  # gone before finishing its request
-                return
+                eof = True  # the client shut its side; what it sent before still counts
+                break
             buf += chunk
             if len(buf) > MAX_HEAD or (fresh and len(chunk) < want):
                 # A short read drained the socket. Only trusted for a fresh connection: it is
@@ -465,13 +477,17 @@ class Worker:
                 break
         if buf:
             try:
-                req, scanned = parse_request(buf, scanned)
+                req, used = parse_request(buf, scanned)
             except HTTPError as err:
                 self.refuse(fd, err)
                 return
         else:
-            req = None
+            req = used = None
+        if req is None and eof:
+            self.close(fd)  # gone before finishing its request
+            return
         if req is None:
+            scanned = used or 0
             if fresh:
                 entry = self.reading[fd] = [time.monotonic() + self.header_timeout, buf, scanned]
                 self.epoll.register(fd, EPOLL_CLIENT)
@@ -480,9 +496,13 @@ class Worker:
             return
         if not fresh:
             del self.reading[fd]
-        self.handle(fd, req, fresh)
+        # Bytes after the head (a body, a pipelined request) are not read by anyone: closing
+        # over them would send a reset that can destroy the answer, so such an answer lingers.
+        self.handle(fd, req, fresh, linger=len(buf) > used)
+        if eof and self.state[fd].__class__ is bytes:
+            self.close(fd)  # half-closed while it would wait: treated as gone
 
-    def handle(self, fd: int, req: Request, fresh: bool) -> None:
+    def handle(self, fd: int, req: Request, fresh: bool, linger: bool = False) -> None:
         """Route one whole request: answer it now, or make the connection wait."""
         self.state[fd] = WRITING
         if req.method != b"GET":
@@ -491,7 +511,7 @@ class Worker:
                 self.answer(fd, response_head(204, 0, TEXT, self.tail, (
                     b"Access-Control-Allow-Methods: GET, OPTIONS\r\n"
                     b"Access-Control-Allow-Headers: %s\r\nAccess-Control-Max-Age: 86400\r\n"
-                    % allow)))
+                    % allow)), linger)
                 return
             self.refuse(fd, HTTPError(405, "only GET and OPTIONS are served"),
                         b"Allow: GET, OPTIONS\r\n")
@@ -499,7 +519,8 @@ class Worker:
         path = req.path
         if not path.endswith(b".js") or path.find(b"/", 1) != -1:
             if path == b"/_info":
-                self.answer(fd, response_head(200, len(self.info), JSON, self.tail) + self.info)
+                self.answer(fd, response_head(200, len(self.info), JSON, self.tail) + self.info,
+                            linger)
             else:
                 self.refuse(fd, HTTPError(404, "not found: poll GET /<id>.js"))
             return
@@ -523,7 +544,8 @@ class Worker:
             except OSError:
                 self.close(fd)
                 return
-            self.answer(fd, response_head(307, 0, TEXT, self.tail, b"Location: %s\r\n" % url))
+            self.answer(fd, response_head(307, 0, TEXT, self.tail, b"Location: %s\r\n" % url),
+                        linger)
             return
         queue = self.queues.get(id_)
         if queue:
@@ -534,7 +556,7 @@ class Worker:
             entry[2] = None  # tombstone in `order`
             self.queued_messages -= 1
             self.queued_bytes -= len(message)
-            if self.answer(fd, self.message_response(message, callback)):
+            if self.answer(fd, self.message_response(message, callback), linger):
                 self.delivered += 1
             return
         self.wait(fd, id_, callback)
@@ -562,11 +584,13 @@ class Worker:
 
     def discard(self, fd: int) -> None:
         """Bytes from a client that has had its say (waiting, or being answered): read and
-        drop them; a hang-up closes the connection at once."""
+        drop them. A hang-up closes the connection at once, but for an answer being flushed:
+        a client may shut its side and still read (write errors and --write-timeout end it)."""
         for _ in range(GARBAGE_READS):
             try:
                 if not os.read(fd, 65536):
-                    self.close(fd)
+                    if self.state[fd] != WRITING:
+                        self.close(fd)
                     return
             except BlockingIOError:
                 return
@@ -649,20 +673,29 @@ class Worker:
     # -- the manager link --------------------------------------------------------------------
 
     def read_link(self) -> bool:
-        """Read and act on link frames; False when the manager is gone."""
-        for _ in range(LINK_READS_PER_TURN):
-            try:
-                chunk = os.read(self.link_fd, LINK_READ_SIZE)
-            except BlockingIOError:
-                self.link_hot = False
-                return True
-            except ConnectionResetError:
-                return False
-            if not chunk:
-                return False
-            self.handle_frames(self.link_in + chunk if self.link_in else chunk)
-        self.link_hot = True
-        return True
+        """Read and act on link frames, then acknowledge them: the manager keeps a copy of
+        every frame until then and replays the unacknowledged ones to this worker's successor
+        if it dies. False when the manager is gone."""
+        done = self.link_read - len(self.link_in)
+        try:
+            for _ in range(LINK_READS_PER_TURN):
+                try:
+                    chunk = os.read(self.link_fd, LINK_READ_SIZE)
+                except BlockingIOError:
+                    self.link_hot = False
+                    return True
+                except ConnectionResetError:
+                    return False
+                if not chunk:
+                    return False
+                self.link_read += len(chunk)
+                self.handle_frames(self.link_in + chunk if self.link_in else chunk)
+            self.link_hot = True
+            return True
+        finally:
+            now_done = self.link_read - len(self.link_in)  # a partial frame is not done
+            if now_done != done:
+                self.send_link(ACK, b"", ACK_BODY.pack(now_done))
 
     def handle_frames(self, data: bytes) -> None:
         pos = 0
@@ -694,9 +727,13 @@ class Worker:
             n = os.write(self.link_fd, self.link_out)
         except BlockingIOError:
             n = 0
+        except OSError:
+            n = len(self.link_out)  # the manager is gone; the read side will see it
         self.link_out = self.link_out[n:]
-        events = select.EPOLLIN | select.EPOLLET | (select.EPOLLOUT if self.link_out else 0)
-        self.epoll.modify(self.link_fd, events)
+        if bool(self.link_out) != self.link_out_armed:  # epoll_ctl only on a change
+            self.link_out_armed = bool(self.link_out)
+            self.epoll.modify(self.link_fd, select.EPOLLIN | select.EPOLLET |
+                              (select.EPOLLOUT if self.link_out else 0))
 
     def stats(self) -> dict:
         rss = int(os.pread(self.statm, 128, 0).split()[1]) * resource.getpagesize()

@@ -1,6 +1,8 @@
 """The app port: binary frames, JSON lines and HTTP, with and without --app-token."""
 
 import json
+import os
+import signal
 import socket
 import time
 
@@ -503,3 +505,66 @@ def test_token_refuses_binary_frames(token_manager):
     s = hold(m, id_)
     assert still_waiting(s, 0.2)
     s.close()
+
+
+# -- found in review: inputs that used to drop an app connection or mislead a client --------
+
+
+def test_json_lines_deep_nesting_and_bad_auth_keep_the_connection(token_manager, lines_factory):
+    m = token_manager
+    c = lines_factory(m)
+    deep = b'{"id": [' + b"[" * 100_000 + b"]" * 100_000 + b'], "message": "x"}'
+    c.send_raw(deep + b"\n")
+    assert c.reply()["ok"] is False  # was a RecursionError that killed the connection
+    assert c.ask('{"auth": "\\ud800"}')["ok"] is False  # a lone surrogate as the token
+    assert c.ask({"auth": TOKEN}) == {"ok": True}
+    id_ = id_for(0, "deep")
+    assert c.ask({"id": id_, "message": "still here"}) == {"ok": True}
+    wait_total(m, "queued_messages", 1)
+
+
+def test_http_content_length_of_thousands_of_digits_is_413(manager):
+    status, _, body = app_http(manager, b"POST /send/a1 HTTP/1.1\r\nContent-Length: " +
+                               b"1" * 5000 + b"\r\n\r\n")
+    assert status == 413 and b"max-message" in body
+
+
+def test_http_bearer_scheme_is_case_insensitive(token_manager):
+    m = token_manager
+    id_ = id_for(1, "lc")
+    assert app_http(m, post(f"/send/{id_}", b"x", f"Authorization: bearer {TOKEN}\r\n"))[0] == 202
+
+
+def test_http_expect_100_refused_before_the_body(manager):
+    """An invalid id is refused at once: no 100 Continue, so the client sends no body."""
+    with app_connect(manager) as s:
+        s.sendall(b"POST /send/bad!id HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                  b"Expect: 100-continue\r\n\r\n")
+        status, _, _ = read_response(s)
+        assert status == 400
+
+
+def test_stats_answer_while_publishers_are_paused(manager):
+    """Backpressure stops reading publishers, not GET /stats on a new connection."""
+    m = manager
+    pid = m.stats()["workers"][0]["pid"]
+    ids = ids_for(0, 200, prefix="bp")
+    os.kill(pid, signal.SIGSTOP)
+    pub = app_connect(m, timeout=0.5)
+    try:
+        message = b"y" * 60_000
+        frames = b"".join(frame(i, message) for i in ids) * 5  # 60 MB: fills link and buffers
+        sent = 0
+        try:
+            while sent < len(frames):
+                sent += pub.send(frames[sent:sent + (1 << 20)])
+        except (TimeoutError, BlockingIOError):
+            pass  # blocked: backpressure is on
+        assert sent < len(frames)
+        t0 = time.monotonic()
+        stats = m.stats()
+        assert time.monotonic() - t0 < 3
+        assert stats["manager"]["paused"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        pub.close()

@@ -712,3 +712,37 @@ def test_client_reset_right_after_a_bad_request_does_not_kill_the_worker(manager
     assert stats["totals"]["restarts"] == 0
     send(m, waiter_id, b"survived")
     assert answer(waiter)[3] == b"survived"
+
+
+# -- found in review --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", [5, 20, 33])
+def test_request_split_then_half_closed_is_still_answered(manager, cut):
+    """The last bytes of a request arrive together with the client's FIN: answer it."""
+    m = manager
+    raw = b"GET /_info HTTP/1.1\r\nHost: h\r\n\r\n"
+    with connect(m.base_port) as s:
+        s.sendall(raw[:cut])
+        time.sleep(0.05)
+        s.sendall(raw[cut:])
+        s.shutdown(socket.SHUT_WR)
+        assert answer(s)[0] == 200
+
+
+@pytest.mark.parametrize("target", [b"/a0.js?x\rSet-Cookie:evil=1", b"/a1.js?\tx",
+                                    b"/a0.js?\x1b", b"/a0.js?\xff"])
+def test_control_bytes_in_the_target_are_400(manager, target):
+    """The target is echoed into a 307's Location: only visible ASCII is taken."""
+    status, _, _, body = exchange(manager.base_port + 1,
+                                  b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert status == 400 and b"visible ASCII" in body
+
+
+def test_bytes_after_an_answered_request_do_not_reset_the_answer(manager):
+    """An answer with unread bytes behind it lingers (shut, drained) instead of a reset."""
+    with connect(manager.base_port) as s:
+        s.sendall(b"GET /_info HTTP/1.1\r\nHost: h\r\n\r\n" + b"z" * 3000)
+        time.sleep(0.1)
+        data = read_all(s)  # raises ConnectionResetError on a reset
+    assert parse(data)[0] == 200

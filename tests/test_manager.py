@@ -267,3 +267,38 @@ def test_bind_failure_on_the_app_port(manager):
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", base))
+
+
+def binary_frames(ids, message: bytes) -> bytes:
+    return b"".join(b"\x02" + i.encode() + b"\x00" + message + b"\x00" for i in ids)
+
+
+def test_frames_a_worker_never_acknowledged_go_to_its_successor(manager):
+    """A stopped worker cannot read its link; everything sent to it then is in the link's
+    buffers when it is killed. The successor gets all of it: none lost, none twice."""
+    m = manager
+    old = worker_pids(m)
+    ids = ids_for(0, 300, "ack")
+    os.kill(old[0], signal.SIGSTOP)
+    try:
+        with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as s:
+            s.sendall(binary_frames(ids, b"m" * 1000))
+        time.sleep(0.3)  # the manager has written them into the link by now
+    finally:
+        os.kill(old[0], signal.SIGKILL)
+        os.kill(old[0], signal.SIGCONT)
+    wait_until(lambda: worker_pids(m)[0] not in (None, old[0]), timeout=5, what="restart")
+    wait_total(m, "queued_messages", len(ids))
+    assert m.stats()["workers"][0]["queued_messages"] == len(ids)
+
+
+def test_publishes_right_after_a_kill_are_not_lost(manager):
+    m = manager
+    old = worker_pids(m)
+    ids = ids_for(1, 50, "kill")
+    os.kill(old[1], signal.SIGKILL)  # no wait: some frames race the death
+    with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as s:
+        for id_ in ids:
+            s.sendall(binary_frames([id_], b"after the kill"))
+    wait_until(lambda: worker_pids(m)[1] not in (None, old[1]), timeout=5, what="restart")
+    wait_total(m, "queued_messages", len(ids))
