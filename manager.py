@@ -21,9 +21,10 @@ exits with server.EXIT_BOOT_ERROR, and the manager stops instead of restart-loop
 
 Delivery promises (the README has the full list): a message the manager accepted is written
 to its worker's link, or held here while that worker restarts (up to --queue-bytes per
-worker). When a link's buffer is full, or a held queue is, the manager stops reading every
-app connection until it drains: a burst slows the publisher instead of being dropped.
-Lost are only: what a dying worker had queued or not yet read from its link, what --queue-ttl,
+worker). Every frame written is kept until the worker acknowledges it, and replayed to the
+successor of a worker that died first. When a link's buffer is full, or a held queue is, the
+manager stops reading every app connection until it drains: a burst slows the publisher
+instead of being dropped. Lost are only: what a dying worker had queued, what --queue-ttl,
 --queue-max and --queue-bytes drop (counted), and a message written to a client that vanished
 without a FIN while we had not yet noticed (keepalive reaps those).
 """
