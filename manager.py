@@ -269,7 +269,7 @@ class Manager:
         """Queue a frame for a worker. Frames are written once per loop pass, joined: one
         send() for a whole read of binary frames instead of one per message."""
         link = slot.link
-        if link is not None and link.alive():
+        if slot.outgoing or (link is not None and link.alive()):  # outgoing keeps the order
             slot.outgoing.append(data)
             if not self.flush_soon:
                 self.flush_soon = True
