@@ -347,6 +347,11 @@ class Manager:
                 sys.executable, self.worker_argv(slot.n), os.environ,
                 file_actions=[(os.POSIX_SPAWN_DUP2, listen_src, LISTEN_FD),
                               (os.POSIX_SPAWN_DUP2, link_src, LINK_FD)])
+        except OSError as e:  # out of processes or memory: try again, do not lose the slot
+            log(f"worker {slot.n}: cannot start a process ({e.strerror}); retrying")
+            mine.close()
+            self.loop.call_later(RESTART_PAUSE, lambda: self.loop.create_task(self.spawn(slot)))
+            return
         finally:
             os.close(listen_src)
             os.close(link_src)
