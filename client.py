@@ -146,6 +146,8 @@ def parse_source_ips(text: str) -> list[str]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         if "/" in item:
             net = ipaddress.IPv4Network(item, strict=False)
+            if net.num_addresses > 65536:
+                raise ValueError(f"source network {item!r} is over 65536 addresses")
             hosts = list(net.hosts()) or [net.network_address]
             out.extend(str(a) for a in hosts)
         elif "-" in item:
@@ -164,6 +166,8 @@ def parse_source_ips(text: str) -> list[str]:
             out.append(str(ipaddress.IPv4Address(item)))
     if not out:
         raise ValueError("no source address given")
+    if len(set(out)) > 65536:
+        raise ValueError("over 65536 source addresses")
     return list(dict.fromkeys(out))
 
 
@@ -658,6 +662,10 @@ class Child:
             self.other_msgs += 1
             return
         intended_ns, seq = fields
+        if (not self.sending or seq >= self.send_total
+                or intended_ns != self.send_t0 + seq * self.send_interval_ns):
+            self.other_msgs += 1        # another run's (or another client's) message
+            return
         self.hist.record((time.monotonic_ns() - intended_ns) // 1000)
         self.last_recv_t = time.monotonic()
         slot, mine = divmod(seq, self.cfg["procs"])
@@ -967,6 +975,8 @@ def server_short(server: dict | None, client_open: int) -> bool:
     can only add to its count)."""
     if not server or "connections" not in server:
         return False
+    if "unaccepted" in server:      # exact: handshakes this client completed, never accepted
+        return server["unaccepted"] > 0
     return server["connections"] < client_open
 
 
@@ -1022,6 +1032,7 @@ class Parent:
         # The box's SYN drops at full accept queues: ours to read only if the server is here.
         self.overflows0 = listen_overflows() if cfg["loopback"] else None
         self.open_at_ramp_end = 0
+        self.accepted0 = None  # the server's accepted count before we start: exact shortfall
 
     def spawn(self) -> None:
         for k, (lo, hi) in enumerate(self.blocks):
@@ -1081,12 +1092,14 @@ class Parent:
             except OSError:
                 pass
 
-    def check_server(self, client_open: int) -> dict | None:
+    def check_server(self, client_open: int, client_opened: int) -> dict | None:
         """The server's totals; asked again a few times while it seems short, since it may
         still be accepting what this client just connected."""
         server = None
         for _ in range(SERVER_CHECKS):
             server = fetch_server_stats(self.cfg["app_host"], self.cfg["app_port"])
+            if server and self.accepted0 is not None and "accepted" in server:
+                server["unaccepted"] = client_opened - (server["accepted"] - self.accepted0)
             if not server_short(server, client_open) or self.stop_signal:
                 break
             time.sleep(SERVER_CHECK_GAP_S)
@@ -1096,7 +1109,7 @@ class Parent:
         cfg = self.cfg
         fails = ", ".join(f"{c} {t['failed'][c]:,}" for c in CAUSES if t["failed"].get(c))
         line = (f"[{now - self.t_start:5.0f}s] open {t.get('open', 0):,}/{cfg['conns']:,} "
-                f"{rate:+,.0f}/s connecting {t.get('connecting', 0):,} | "
+                f"connects {rate:,.0f}/s connecting {t.get('connecting', 0):,} | "
                 f"failed {fails or 0} | msgs {t.get('msgs', 0):,}")
         if cfg["send"]:
             line += f" sent {t.get('sent', 0):,} recv {t.get('received', 0):,}"
@@ -1110,10 +1123,12 @@ class Parent:
         """Every pass (at most 0.2 s apart): read reports, then move the run along its phases:
         ramp -> (send) -> hold -> stop. Progress is printed once a second."""
         cfg = self.cfg
+        base = fetch_server_stats(cfg["app_host"], cfg["app_port"]) or {}
+        self.accepted0 = base.get("accepted")
         self.spawn()
         deadline = self.t_start + cfg["max_time"]
         next_tick = self.t_start + TICK_S
-        peak = last_open = 0
+        peak = last_opened = 0
         grew_t = self.t_start
         ramp_end = None
         ramp_reason = None
@@ -1132,13 +1147,14 @@ class Parent:
             if open_now > peak:
                 peak, grew_t = open_now, now
             if now >= next_tick:
-                self.progress(t, (open_now - last_open) / TICK_S, now)
-                last_open = open_now
+                opened = t.get("opened", 0)  # connects completed, re-polls included
+                self.progress(t, (opened - last_opened) / TICK_S, now)
+                last_opened = opened
                 next_tick = max(next_tick + TICK_S, now)
             if not all(kid["last"] for kid in self.kids):
                 continue                # not every child has reported yet
             if ramp_end is None:
-                if open_now >= cfg["conns"] - t.get("gave_up", 0):
+                if max(open_now, t.get("ids_opened", 0)) >= cfg["conns"] - t.get("gave_up", 0):
                     ramp_end, ramp_reason = now, "complete"
                 elif t.get("unstarted", 1) == 0 and now - grew_t >= cfg["stall"]:
                     ramp_end, ramp_reason = now, "stalled"
@@ -1146,7 +1162,7 @@ class Parent:
                     # What the server holds now, against what this client holds now: the
                     # difference sits in the server's accept queue. Taken here, not at the
                     # end, when the children may be closing.
-                    self.server = self.check_server(open_now)
+                    self.server = self.check_server(open_now, t.get("opened", 0))
                     self.open_at_ramp_end = open_now
             if ramp_end is not None and cfg["send"] and not send_started:
                 send_started = True
@@ -1198,7 +1214,7 @@ class Parent:
             "opened": t.get("opened", 0), "ids_opened": ids_opened, "peak_open": peak,
             "open_at_end": t.get("open", 0), "connecting_at_end": t.get("connecting", 0),
             "gave_up": t.get("gave_up", 0),
-            "failed": {c: n for c, n in t["failed"].items() if n},
+            "failed": {c: t["failed"].get(c, 0) for c in CAUSES},  # every cause, 0 too
             "failed_total": sum(t["failed"].values()), "errnos": t["errnos"],
             "status": {str(s): n for s, n in sorted(t["status"].items(), key=lambda x: x[0])},
             "connect_rate": round(ids_opened / ramp_s, 1) if ramp_s else None,
@@ -1220,8 +1236,8 @@ class Parent:
         if self.overflows0 is not None:
             overflows = (listen_overflows() or 0) - self.overflows0
         summary["listen_overflows"] = overflows
-        summary["cause"] = likely_cause(cfg["conns"], peak, t["failed"], t["errnos"], server,
-                                        self.open_at_ramp_end, overflows)
+        summary["cause"] = likely_cause(cfg["conns"], max(peak, ids_opened), t["failed"],
+                                        t["errnos"], server, self.open_at_ramp_end, overflows)
         notes = []
         if overflows:
             notes.append(f"the kernel dropped {overflows:,} SYNs at a full accept queue during "
@@ -1260,7 +1276,7 @@ def print_summary(s: dict, out=sys.stdout) -> None:
       f"{s['peak_open']:,}, open at end {s['open_at_end']:,}, connects {s['opened']:,}, "
       f"ramp {s['ramp_end'] or 'unfinished'}")
     w("  answers   " + (", ".join(f"{k}: {v:,}" for k, v in s["status"].items()) or "none"))
-    fails = ", ".join(f"{c} {n:,}" for c, n in s["failed"].items())
+    fails = ", ".join(f"{c} {n:,}" for c, n in s["failed"].items() if n)
     errs = ", ".join(f"{e} {n:,}" for e, n in s["errnos"].items())
     w(f"  failed    {fails or 'none'}" + (f" (errno: {errs})" if errs else ""))
     if s["sent"] or s["send_rate"] is not None:
@@ -1287,6 +1303,27 @@ def print_summary(s: dict, out=sys.stdout) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="client.py",
@@ -1295,36 +1332,36 @@ def build_parser() -> argparse.ArgumentParser:
                     "with --send measures message delivery through the manager's app port.")
     p.add_argument("prefix", metavar="PREFIX", help="id prefix (one per client box: a, b, ...)")
     p.add_argument("host", metavar="HOST", help="the comet server's address")
-    p.add_argument("--conns", type=int, default=DEFAULT_CONNS,
+    p.add_argument("--conns", type=count, default=DEFAULT_CONNS,
                    help=f"long polls to open (default {DEFAULT_CONNS:,})")
-    p.add_argument("--workers", type=int, help="server workers (default: ask GET /_info)")
-    p.add_argument("--base-port", type=int, default=8000, help="worker 0's port (8000)")
-    p.add_argument("--procs", type=int,
+    p.add_argument("--workers", type=count, help="server workers (default: ask GET /_info)")
+    p.add_argument("--base-port", type=port, default=8000, help="worker 0's port (8000)")
+    p.add_argument("--procs", type=count,
                    help="client processes (default: enough to stay under RLIMIT_NOFILE)")
     p.add_argument("--source-ips", metavar="LIST",
                    help="bind to these: 10.0.0.1,10.0.0.2 or 127.0.0.2-127.0.0.9 or a /cidr "
                         "(default: none, or 127.0.0.x picked as needed on loopback)")
-    p.add_argument("--rate", type=float, default=0.0,
+    p.add_argument("--rate", type=non_negative, default=0.0,
                    help="new connections a second, all processes together (0 = at once)")
-    p.add_argument("--hold", type=float,
+    p.add_argument("--hold", type=non_negative,
                    help=f"seconds to hold the connections after the ramp ends (default "
                         f"{DEFAULT_HOLD_S:g}; 0 with --send: stop when the send phase ends)")
-    p.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME_S,
+    p.add_argument("--max-time", type=non_negative, default=DEFAULT_MAX_TIME_S,
                    help=f"stop after this many seconds whatever happens ({DEFAULT_MAX_TIME_S:g})")
-    p.add_argument("--stall", type=float, default=STALL_S,
+    p.add_argument("--stall", type=non_negative, default=STALL_S,
                    help=f"the ramp is over when every id was tried and the open count has not "
                         f"grown for this many seconds ({STALL_S:g})")
-    p.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S,
+    p.add_argument("--connect-timeout", type=non_negative, default=CONNECT_TIMEOUT_S,
                    help=f"seconds a connect may take ({CONNECT_TIMEOUT_S:g})")
     p.add_argument("--send", type=int, default=0, metavar="M",
                    help="after the ramp, send M messages through the app port and measure them")
-    p.add_argument("--send-rate", type=float, default=DEFAULT_SEND_RATE,
+    p.add_argument("--send-rate", type=non_negative, default=DEFAULT_SEND_RATE,
                    help=f"messages a second ({DEFAULT_SEND_RATE:g}; 0 = all at once)")
-    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
+    p.add_argument("--grace", type=non_negative, default=DEFAULT_GRACE_S,
                    help=f"seconds to wait for deliveries after the last send "
                         f"({DEFAULT_GRACE_S:g})")
     p.add_argument("--app-host", default="127.0.0.1", help="the manager's app address")
-    p.add_argument("--app-port", type=int, default=9000, help="the manager's app port (9000)")
+    p.add_argument("--app-port", type=port, default=9000, help="the manager's app port (9000)")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON here")
     return p
 
@@ -1347,12 +1384,27 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, KeyError) as e:
             return fail(f"cannot ask http://{args.host}:{args.base_port}/_info for the worker "
                         f"count ({e}): is the server running? (or pass --workers)")
+    if args.base_port + workers - 1 > 65535:
+        return fail(f"--base-port {args.base_port} + {workers} workers runs past port 65535")
     explicit = None
     if args.source_ips:
         try:
             explicit = parse_source_ips(args.source_ips)
         except ValueError as e:
             return fail(f"--source-ips: {e}")
+        for src in explicit:
+            with socket.socket() as probe:
+                try:
+                    probe.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                    probe.bind((src, 0))
+                except OSError as e:
+                    return fail(f"--source-ips: cannot bind {src} ({e.strerror}): "
+                                f"not an address of this box?")
+    if args.json:
+        try:
+            open(args.json, "a").close()
+        except OSError as e:
+            return fail(f"--json {args.json}: {e.strerror}")
     nofile = raise_nofile()
     procs, warn_procs = plan_procs(args.conns, nofile, args.procs)
     counts = per_port_counts(prefix, args.conns, workers)
