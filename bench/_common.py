@@ -6,6 +6,7 @@ call in `finally`."""
 import json
 import os
 import platform
+import random
 import select
 import signal
 import socket
@@ -29,13 +30,11 @@ LOAD_CPUS = set(_MASK[1:]) or SERVER_CPUS
 
 
 def free_port_block(n: int) -> int:
-    """A base port with n consecutive free ports after it (checked by binding)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65000:
-            continue
+    """A base port with n consecutive free ports after it, drawn below the ephemeral range
+    (32768+) so that the load's own outgoing connections cannot take it."""
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(10000, 32000 - n)
         socks = []
         try:
             for i in range(n):
