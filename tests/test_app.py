@@ -568,3 +568,19 @@ def test_stats_answer_while_publishers_are_paused(manager):
     finally:
         os.kill(pid, signal.SIGCONT)
         pub.close()
+
+
+def test_json_message_that_is_not_unicode_is_refused(manager, lines_factory):
+    c = lines_factory(manager)
+    reply = c.ask('{"id": "a1", "message": "\\ud800"}')
+    assert reply["ok"] is False and "surrogate" in reply["error"]
+    assert c.ask({"id": "a1", "message": "fine"}) == {"ok": True}
+
+
+def test_json_line_over_the_limit_is_answered_and_closed(manager_factory, lines_factory):
+    m = manager_factory("--max-message", "100")  # lines up to 8 x 100 + 4096 bytes
+    c = lines_factory(m)
+    c.send_raw(b'{"id": "a1", "message": "' + b"x" * 10_000)
+    assert c.reply() == {"ok": False, "error": "line too long"}
+    assert closed_by_server(c.s)
+    assert manager_stats(m)["app_rejected"] == 1

@@ -746,3 +746,11 @@ def test_bytes_after_an_answered_request_do_not_reset_the_answer(manager):
         time.sleep(0.1)
         data = read_all(s)  # raises ConnectionResetError on a reset
     assert parse(data)[0] == 200
+
+
+def test_redirect_with_an_invalid_host_header_is_400(manager):
+    """The Host header becomes the Location's host: anything but a host[:port] is refused."""
+    id_ = id_for(1, "badhost")
+    status, _, _, body = exchange(manager.base_port,
+                                  f"GET /{id_}.js HTTP/1.1\r\nHost: evil.example/x\r\n\r\n")
+    assert status == 400 and b"Host" in body

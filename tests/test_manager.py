@@ -290,15 +290,3 @@ def test_frames_a_worker_never_acknowledged_go_to_its_successor(manager):
     wait_until(lambda: worker_pids(m)[0] not in (None, old[0]), timeout=5, what="restart")
     wait_total(m, "queued_messages", len(ids))
     assert m.stats()["workers"][0]["queued_messages"] == len(ids)
-
-
-def test_publishes_right_after_a_kill_are_not_lost(manager):
-    m = manager
-    old = worker_pids(m)
-    ids = ids_for(1, 50, "kill")
-    os.kill(old[1], signal.SIGKILL)  # no wait: some frames race the death
-    with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as s:
-        for id_ in ids:
-            s.sendall(binary_frames([id_], b"after the kill"))
-    wait_until(lambda: worker_pids(m)[1] not in (None, old[1]), timeout=5, what="restart")
-    wait_total(m, "queued_messages", len(ids))
