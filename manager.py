@@ -4,29 +4,34 @@
 
 Theory of operation
 -------------------
-The manager owns everything that must outlive a worker: the listening socket of every comet
-port (created here, inherited by worker n as fd 3, so a restarted worker serves the same port
-and connections arriving meanwhile wait in the backlog) and the app port. Worker n is pinned
-to CPU cpus[n % len(cpus)] and linked to the manager by a UNIX stream socket (fd 4 in the
-worker); when the link closes the worker exits, so workers never outlive the manager.
+Three roles, in this order in the file, split as gunicorn splits its arbiter from its workers:
 
-The app port takes three protocols, told apart by the first byte of a connection: 0x02
-starts the original's binary frames, `{` JSON lines, a letter HTTP/1.1. Every accepted message
-is routed to the worker that owns its id (server.owner) as one link frame.
+- Outbox, one per worker: every message frame for worker n, from the moment the manager
+  accepts it until the worker has acted on it. It is the only place such a frame lives.
+- Supervisor: owns what must outlive a worker (the listening socket of every comet port,
+  inherited by worker n as fd 3, so a restarted worker serves the same port and connections
+  arriving meanwhile wait in the backlog; the worker's shared page, fd 5, see link.py) and the
+  worker processes: spawn (pinned to cpus[n % len(cpus)], linked by a UNIX socket, fd 4), reap,
+  one reconcile pass that brings the workers back to W, and the heartbeat watchdog. Signal
+  handlers only wake the loop (asyncio's add_signal_handler); exit statuses become readable
+  lines; a worker that cannot boot exits with server.EXIT_BOOT_ERROR and the manager stops
+  instead of restart-looping. It also reads the figures for /stats from the pages: no worker
+  is asked, so a stopped or busy one cannot delay an answer.
+- AppServer: the app port's three protocols, told apart by the first byte of a connection
+  (0x02 the original's binary frames, `{` JSON lines, an ASCII letter HTTP/1.1). It only needs
+  a Router (send, broadcast), the stats and the Flow gate.
 
-Supervision follows gunicorn's arbiter: signal handlers only wake the loop (asyncio's
-add_signal_handler), the loop reaps children with waitpid(WNOHANG) until none is left and
-respawns the missing ones; exit statuses become readable lines. A worker that cannot even boot
-exits with server.EXIT_BOOT_ERROR, and the manager stops instead of restart-looping.
-
-Delivery promises (the README has the full list): a message the manager accepted is written
-to its worker's link, or held here while that worker restarts (up to --queue-bytes per
-worker). Every frame written is kept until the worker acknowledges it, and replayed to the
-successor of a worker that died first. When a link's buffer is full, or a held queue is, the
-manager stops reading every app connection until it drains: a burst slows the publisher
-instead of being dropped. Lost are only: what a dying worker had queued, what --queue-ttl,
---queue-max and --queue-bytes drop (counted), and a message written to a client that vanished
-without a FIN while we had not yet noticed (keepalive reaps those).
+Delivery promises (the README has the full list). A message is accepted only when its
+worker's outbox has room (--queue-bytes of unacknowledged frames per worker), else refused with
+a clear error; an accepted one stays in the outbox until the worker's page says it acted on it
+(link_done), and is replayed to the successor of a worker that died first. While any outbox
+holds more than FLOW_HIGH bytes the manager stops reading app connections (Flow): a burst slows
+the publisher instead of being dropped, and a hung worker cannot hold that for longer than
+--worker-timeout, after which the watchdog kills it. Lost are only: what a dying worker had
+queued (counted as `lost` from its page), what --queue-ttl, --queue-max and --queue-bytes drop
+(counted), and a message written to a client that vanished without a FIN while we had not yet
+noticed (keepalive reaps those). A frame the worker was acting on when it was killed may be
+delivered twice (at-least-once).
 """
 
 import argparse
@@ -42,20 +47,11 @@ import time
 from collections import deque
 from pathlib import Path
 
+import link
+import options
 import server
-from server import (
-    ACK,
-    ACK_BODY,
-    BROADCAST,
-    LINK_FD,
-    LINK_HEAD,
-    LISTEN_FD,
-    MSG,
-    STATS,
-    HTTPError,
-    parse_request,
-    valid_id,
-)
+from link import BEAT_NS, BROADCAST, LINK_DONE, MSG
+from server import LINK_FD, LISTEN_FD, PAGE_FD, HTTPError, parse_request, valid_id
 from tuning.check import manager_capacity_line, raise_nofile
 
 # ---------------------------------------------------------------------------------------------
@@ -63,23 +59,26 @@ from tuning.check import manager_capacity_line, raise_nofile
 # ---------------------------------------------------------------------------------------------
 
 SERVER_PY = str(Path(__file__).resolve().parent / "server.py")
-LINK_HIGH_WATER = 4 * 1024 * 1024  # bytes buffered for one worker before the app is paused
-LINK_LOW_WATER = 1024 * 1024  # ... and resumed
+FLOW_HIGH = 4 * 1024 * 1024  # unacknowledged bytes for one worker that pause the app...
+FLOW_LOW = 1024 * 1024  # ... and resume it
+ACK_POLL = 0.01  # seconds between two looks at a paused worker's page
 APP_READ_SIZE = 256 * 1024
 APP_HEAD_MAX = 8192  # app HTTP request heads, same limit as the comet ports
-STATS_TIMEOUT = 1.0  # a worker that does not answer by then is shown with its last figures
 QUICK_DEATH = 1.0  # a worker dying younger than this is crash-looping: restart after a pause
 RESTART_PAUSE = 0.5  # keeps "restarted within 1 s" while not burning a CPU on a crash loop
 SHUTDOWN_GRACE = 3.0  # SIGTERM, then SIGKILL after this; the whole shutdown fits in 5 s
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 APP_REASONS = {**server.REASONS, 202: b"Accepted"}
+# Per-worker figures in /stats (SPEC's list, then ours), summed into the totals.
 STAT_FIELDS = ("connections", "waiting", "queued_messages", "queued_bytes", "delivered",
-               "expired", "dropped", "rejected", "restarts", "rss_bytes", "accepted")
+               "expired", "dropped", "rejected", "restarts", "rss_bytes", "accepted", "lost",
+               "outbox_bytes", *link.COUNTERS[link.COUNTERS.index("closed_header_timeout"):])
 
 
 def describe_exit(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        why = " (out of memory?)" if sig == signal.SIGKILL else ""
+        why = " (out of memory, or the watchdog?)" if sig == signal.SIGKILL else ""
         return f"killed by {signal.Signals(sig).name}{why}"
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
@@ -88,14 +87,13 @@ def log(line: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
 
-def http_reply(status: int, body: dict, keep: bool) -> bytes:
+def http_reply(status: int, body: dict, keep: bool, extra: bytes = b"") -> bytes:
     """A whole app-port HTTP response with a JSON body."""
     data = json.dumps(body).encode()
-    extra = b""
     if status == 401:
-        extra = b"WWW-Authenticate: Bearer\r\n"
+        extra += b"WWW-Authenticate: Bearer\r\n"
     elif status == 405:
-        extra = b"Allow: GET\r\n" if body.get("error") == "use GET" else b"Allow: POST\r\n"
+        extra += b"Allow: GET\r\n" if body.get("error") == "use GET" else b"Allow: POST\r\n"
     return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s" \
         b"Connection: %s\r\n\r\n%s" % (status, APP_REASONS.get(status, b""), len(data), extra,
                                         b"keep-alive" if keep else b"close", data)
@@ -105,214 +103,194 @@ ACCEPTED_KEEP = http_reply(202, {"ok": True}, True)  # the answer to nearly ever
 
 
 def high_dup(fd: int) -> int:
-    """A copy of fd numbered 10 or more: posix_spawn's dup2 onto fds 3 and 4 must not find its
+    """A copy of fd numbered 10 or more: posix_spawn's dup2 onto fds 3-5 must not find its
     sources there (dup2 onto itself would keep close-on-exec)."""
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
 
 
-def frame(kind: bytes, id_: bytes, message: bytes) -> bytes:
-    return LINK_HEAD.pack(kind, len(id_), len(message)) + id_ + message
+# ---------------------------------------------------------------------------------------------
+# Flow: the one gate on reading app connections
+# ---------------------------------------------------------------------------------------------
+
+
+class Flow:
+    """Open while no worker is behind. `reasons` says who closed it (worker numbers)."""
+
+    def __init__(self):
+        self.open = asyncio.Event()
+        self.open.set()
+        self.reasons: set = set()
+
+    def block(self, reason) -> None:
+        self.reasons.add(reason)
+        self.open.clear()
+
+    def unblock(self, reason) -> None:
+        self.reasons.discard(reason)
+        if not self.reasons:
+            self.open.set()
 
 
 # ---------------------------------------------------------------------------------------------
-# Workers and their links
+# Outbox: one worker's frames until it has acted on them
+# ---------------------------------------------------------------------------------------------
+
+
+class Outbox:
+    """Every message frame for one worker, from acceptance until the worker acted on it.
+
+    Invariant: an accepted frame is in exactly one of these two, in acceptance order
+    (everything in `unacked` is older than everything in `unsent`), until acknowledged:
+      unacked  written to the current link, in batches (end offset on this link, [frames]);
+      unsent   not written yet: accepted during this loop pass, or the worker is not up.
+    `bytes` is the size of all of them; `put` refuses a frame that would take it over `limit`.
+
+    The acknowledgement is the worker's page: link_done, the link bytes it has acted on, whole
+    frames only (link.py). So:
+      put(frame)      -> False when full (the caller refuses the message, nothing is lost);
+      flush()         writes unsent as one batch, once per loop pass (one send() for a whole
+                      read of app frames instead of one per message);
+      ack(done)       drops the batches that end at or before `done`;
+      attach(link)    a worker is up: offsets restart at 0 on its new link, unsent is written;
+      detach(done)    its process is dead (so `done` is final): what it had not acted on goes
+                      back to the front of unsent, for its successor.
+    Frames are bytes shared with the other outboxes for a broadcast: no copies.
+    """
+
+    def __init__(self, n: int, limit: int, flow: Flow):
+        self.n, self.limit, self.flow = n, limit, flow
+        self.high = min(FLOW_HIGH, limit // 2)
+        self.low = min(FLOW_LOW, self.high // 4)
+        self.link = None  # the transport of the live link, or None
+        self.written = 0  # bytes written to the current link
+        self.unacked: deque = deque()  # (end offset, [frames])
+        self.unsent: list = []
+        self.bytes = 0
+        self.flush_soon = None  # a callback that schedules flush() once per loop pass
+
+    def room(self, size: int) -> bool:
+        return self.bytes + size <= self.limit
+
+    def put(self, data: bytes) -> bool:
+        if self.bytes + len(data) > self.limit:
+            return False
+        self.unsent.append(data)
+        self.bytes += len(data)
+        if self.bytes > self.high:
+            self.flow.block(self.n)
+        if self.link is not None:
+            self.flush_soon(self)
+        return True
+
+    def flush(self) -> None:
+        if self.link is None or not self.unsent:
+            return
+        if self.link.is_closing():  # dead or dying: its detach comes with the reaping
+            return
+        data = b"".join(self.unsent)
+        self.link.write(data)
+        self.written += len(data)
+        self.unacked.append((self.written, self.unsent))
+        self.unsent = []
+
+    def ack(self, done: int) -> None:
+        unacked = self.unacked
+        while unacked and unacked[0][0] <= done:
+            _, frames = unacked.popleft()
+            self.bytes -= sum(map(len, frames))
+        if self.bytes <= self.low:
+            self.flow.unblock(self.n)
+
+    def attach(self, transport) -> None:
+        self.link, self.written = transport, 0
+        self.flush()
+
+    def detach(self, done: int) -> int:
+        """Returns how many frames go back to be replayed."""
+        self.ack(done)
+        replay = []
+        if self.unacked:
+            end0, frames0 = self.unacked[0]
+            pos = end0 - sum(map(len, frames0))  # where the first unacked batch starts
+            for frames in (b for _, b in self.unacked):
+                for f in frames:
+                    pos += len(f)
+                    if pos > done:  # a frame partly read is not done
+                        replay.append(f)
+                    else:
+                        self.bytes -= len(f)
+        self.unacked.clear()
+        self.unsent = replay + self.unsent
+        self.link, self.written = None, 0
+        if self.bytes <= self.low:
+            self.flow.unblock(self.n)
+        return len(replay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervisor: the worker processes
 # ---------------------------------------------------------------------------------------------
 
 
 class Slot:
-    """Worker n: its CPU, port and listening socket, which outlive the process in it."""
+    """Worker n: what outlives the process in it (CPU, port, listening socket, page, outbox,
+    counters carried over from dead processes), and the process now in it."""
 
-    def __init__(self, n: int, cpu: int, port: int, listener: socket.socket):
-        self.n, self.cpu, self.port, self.listener = n, cpu, port, listener
+    def __init__(self, n: int, cpu: int, port: int, listener: socket.socket, outbox: Outbox):
+        self.n, self.cpu, self.port, self.listener, self.outbox = n, cpu, port, listener, outbox
+        self.page_fd, self.page = link.new_page(f"megacomet-worker-{n}")
         self.pid = None
         self.started = 0.0
+        self.restart_at = 0.0  # when the reconcile pass may spawn it again
+        self.killed_by_watchdog = False
         self.restarts = 0
-        self.link = None  # its Link while the worker is up
-        self.outgoing: list = []  # frames for the link, written at the end of this loop pass
-        self.held: deque = deque()  # frames for a worker that is restarting
-        self.held_bytes = 0
-        self.pending_stats: deque = deque()  # futures answered by the worker's STATS frames
-        self.last_stats: dict = {}
+        self.link = None  # the live Link protocol, or None
+        self.carried = dict.fromkeys(link.COUNTERS, 0)  # dead processes' final counters
+        self.lost = 0  # messages queued in processes that died
         self.base_rss = 0
 
 
 class Link(asyncio.Protocol):
-    """The manager's end of one worker's link.
+    """The manager's end of one worker's link. Nothing comes back on it but the EOF of the
+    worker's death: acknowledgements and figures are in the page."""
 
-    Every frame written is kept in `unacked` until the worker acknowledges the bytes it has
-    read and acted on; if the worker dies first, those frames go back to the front of the
-    slot's held queue and its successor gets them. So a worker's death loses no message still
-    on its way to it; one it had acted on but not yet acknowledged (at most one read) may be
-    delivered twice."""
-
-    def __init__(self, manager: "Manager", slot: Slot):
-        self.manager, self.slot = manager, slot
+    def __init__(self, supervisor: "Supervisor", slot: Slot):
+        self.supervisor, self.slot = supervisor, slot
         self.transport = None
-        self.buf = b""
-        self.sent = 0  # bytes written to this link, in all
-        self.unacked: deque = deque()  # (self.sent after them, [frames])
-
-    def alive(self) -> bool:
-        return self.transport is not None and not self.transport.is_closing()
-
-    def send(self, frames: list) -> None:
-        data = b"".join(frames)
-        self.transport.write(data)
-        self.sent += len(data)
-        self.unacked.append((self.sent, frames))
 
     def connection_made(self, transport) -> None:
-        slot = self.slot
         self.transport = transport
-        transport.set_write_buffer_limits(high=LINK_HIGH_WATER, low=LINK_LOW_WATER)
-        slot.link = self
-        if slot.held:
-            self.send(list(slot.held))
-            slot.held.clear()
-            slot.held_bytes = 0
-        self.manager.unblock(("held", slot.n))
+        # Flow is decided by unacknowledged bytes (Outbox), not by this buffer: no pause.
+        transport.set_write_buffer_limits(high=2**62)
+        if self.slot.link is self:
+            self.slot.outbox.attach(transport)
+        else:  # its worker died before the link was set up: it was reaped already
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf + data
-        pos = 0
-        while len(buf) - pos >= LINK_HEAD.size:
-            kind, idlen, size = LINK_HEAD.unpack_from(buf, pos)
-            end = pos + LINK_HEAD.size + idlen + size
-            if end > len(buf):
-                break
-            if kind == ACK:
-                done = ACK_BODY.unpack_from(buf, end - size)[0]
-                while self.unacked and self.unacked[0][0] <= done:
-                    self.unacked.popleft()
-            elif kind == STATS:
-                self.stats_received(json.loads(buf[end - size:end]))
-            pos = end
-        self.buf = buf[pos:]
-
-    def stats_received(self, stats: dict) -> None:
-        slot = self.slot
-        if not slot.base_rss or stats["connections"] == 0:
-            slot.base_rss = stats["rss_bytes"]
-        slot.last_stats = stats
-        if slot.pending_stats:
-            fut = slot.pending_stats.popleft()
-            if not fut.done():
-                fut.set_result(stats)
-
-    def pause_writing(self) -> None:
-        self.manager.block(("link", self.slot.n))
-
-    def resume_writing(self) -> None:
-        self.manager.unblock(("link", self.slot.n))
+        pass  # a worker writes nothing on its link
 
     def connection_lost(self, exc) -> None:
         slot = self.slot
-        if slot.link is self:
+        if slot.link is self:  # not a late call for a link that was replaced already
             slot.link = None
-            while slot.pending_stats:
-                fut = slot.pending_stats.popleft()
-                if not fut.done():
-                    fut.set_result(None)
-        replay = [f for _, frames in self.unacked for f in frames if f[:1] != STATS]
-        self.unacked.clear()
-        self.manager.replay(slot, replay)
-        self.manager.unblock(("link", slot.n))
+            slot.outbox.link = None  # frames wait in the outbox; the reaper replays them
 
 
-# ---------------------------------------------------------------------------------------------
-# The manager: supervision, routing, stats
-# ---------------------------------------------------------------------------------------------
-
-
-class Manager:
-    def __init__(self, opts):
+class Supervisor:
+    def __init__(self, opts, flow: Flow):
         self.opts = opts
+        self.flow = flow
+        self.loop = asyncio.get_running_loop()
         self.cpus = sorted(os.sched_getaffinity(0))
         self.slots: list = []
         self.stopping = False
         self.exit_code = 0
-        self.flow = asyncio.Event()  # set while app connections may be read
-        self.flow.set()
-        self.flush_soon = False
-        self.blocked: set = set()  # why the flow is stopped: ("link", n) / ("held", n)
-        self.messages_in = 0
-        self.app_rejected = 0
-        self.app_connections = 0
         self.done = asyncio.Event()
-        self.loop = asyncio.get_running_loop()
+        self.flushing: set = set()  # outboxes to flush at the end of this loop pass
+        self.ack_poll = None  # timer while the flow is blocked
 
-    # -- backpressure ------------------------------------------------------------------------
-
-    def block(self, reason) -> None:
-        self.blocked.add(reason)
-        self.flow.clear()
-
-    def unblock(self, reason) -> None:
-        self.blocked.discard(reason)
-        if not self.blocked:
-            self.flow.set()
-
-    # -- routing -----------------------------------------------------------------------------
-
-    def send(self, id_: bytes, message: bytes) -> None:
-        self.messages_in += 1
-        self.put(self.slots[server.owner(id_, len(self.slots))], frame(MSG, id_, message))
-
-    def broadcast(self, message: bytes) -> None:
-        self.messages_in += 1
-        data = frame(BROADCAST, b"", message)
-        for slot in self.slots:
-            self.put(slot, data)
-
-    def put(self, slot: Slot, data: bytes) -> None:
-        """Queue a frame for a worker. Frames are written once per loop pass, joined: one
-        send() for a whole read of binary frames instead of one per message."""
-        link = slot.link
-        if slot.outgoing or (link is not None and link.alive()):  # outgoing keeps the order
-            slot.outgoing.append(data)
-            if not self.flush_soon:
-                self.flush_soon = True
-                self.loop.call_soon(self.flush_links)
-            return
-        self.hold(slot, data)
-
-    def hold(self, slot: Slot, data: bytes) -> None:
-        if data[:1] == STATS:
-            return  # a stats request is answered by the worker that got it, or not at all
-        slot.held.append(data)
-        slot.held_bytes += len(data)
-        if slot.held_bytes > self.opts.queue_bytes:
-            self.block(("held", slot.n))
-
-    def flush_links(self) -> None:
-        self.flush_soon = False
-        for slot in self.slots:
-            if not slot.outgoing:
-                continue
-            link = slot.link
-            if link is not None and link.alive():
-                link.send(slot.outgoing)
-            else:
-                for data in slot.outgoing:
-                    self.hold(slot, data)
-            slot.outgoing = []
-
-    def replay(self, slot: Slot, frames: list) -> None:
-        """Frames a dead worker never acknowledged: first in line for its successor."""
-        if not frames:
-            return
-        slot.held.extendleft(reversed(frames))
-        slot.held_bytes += sum(map(len, frames))
-        if slot.held_bytes > self.opts.queue_bytes:
-            self.block(("held", slot.n))
-        link = slot.link
-        if link is not None and link.alive():  # the successor is already up
-            link.send(list(slot.held))
-            slot.held.clear()
-            slot.held_bytes = 0
-            self.unblock(("held", slot.n))
-
-    # -- workers -----------------------------------------------------------------------------
+    # -- ports and processes -----------------------------------------------------------------
 
     def open_ports(self) -> None:
         o = self.opts
@@ -323,7 +301,9 @@ class Manager:
             except OSError as e:
                 sys.exit(f"megacomet: cannot listen on {o.host}:{port}: {e.strerror}; "
                          "is another server running there? (--host, --base-port)")
-            self.slots.append(Slot(n, self.cpus[n % len(self.cpus)], port, listener))
+            outbox = Outbox(n, o.queue_bytes, self.flow)
+            outbox.flush_soon = self.flush_soon
+            self.slots.append(Slot(n, self.cpus[n % len(self.cpus)], port, listener, outbox))
 
     def worker_argv(self, n: int) -> list:
         o = self.opts
@@ -332,67 +312,150 @@ class Manager:
                 "--queue-max", str(o.queue_max), "--queue-bytes", str(o.queue_bytes),
                 "--poll-timeout", str(o.poll_timeout), "--header-timeout",
                 str(o.header_timeout), "--write-timeout", str(o.write_timeout),
-                "--cors-origin", o.cors_origin]
+                "--worker-timeout", str(o.worker_timeout), "--cors-origin", o.cors_origin]
 
-    async def spawn(self, slot: Slot) -> None:
-        if self.stopping:
-            return
+    def spawn(self, slot: Slot) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Sources above the targets, so no dup2 below overwrites the other's source.
-        listen_src = high_dup(slot.listener.fileno())
-        link_src = high_dup(theirs.fileno())
+        # Sources above the targets, so no dup2 below overwrites another's source.
+        sources = [high_dup(slot.listener.fileno()), high_dup(theirs.fileno()),
+                   high_dup(slot.page_fd)]
         try:
             slot.pid = os.posix_spawn(
                 sys.executable, self.worker_argv(slot.n), os.environ,
-                file_actions=[(os.POSIX_SPAWN_DUP2, listen_src, LISTEN_FD),
-                              (os.POSIX_SPAWN_DUP2, link_src, LINK_FD)])
+                file_actions=[(os.POSIX_SPAWN_DUP2, src, dst) for src, dst in
+                              zip(sources, (LISTEN_FD, LINK_FD, PAGE_FD), strict=True)])
         except OSError as e:  # out of processes or memory: try again, do not lose the slot
             log(f"worker {slot.n}: cannot start a process ({e.strerror}); retrying")
             mine.close()
-            self.loop.call_later(RESTART_PAUSE, lambda: self.loop.create_task(self.spawn(slot)))
+            slot.restart_at = time.monotonic() + RESTART_PAUSE
             return
         finally:
-            os.close(listen_src)
-            os.close(link_src)
+            for fd in sources:
+                os.close(fd)
             theirs.close()
         slot.started = time.monotonic()
+        slot.killed_by_watchdog = False
         try:
             os.sched_setaffinity(slot.pid, {slot.cpu})
-        except (ProcessLookupError, OSError):
+        except OSError:
             pass  # already gone: the reaper will see it
         mine.setblocking(False)
-        await self.loop.connect_accepted_socket(lambda: Link(self, slot), mine)
+        slot.link = Link(self, slot)
+        self.loop.create_task(
+            self.loop.connect_accepted_socket(lambda lk=slot.link: lk, mine))
 
     def reap(self) -> None:
-        """SIGCHLD: collect every dead child, then bring the workers back to W."""
+        """SIGCHLD: collect every dead child; its frames and counters stay with the slot."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             slot = next((s for s in self.slots if s.pid == pid), None)
-            if slot is None:
-                continue
-            slot.pid = None
-            if slot.link is not None:
-                slot.link.transport.close()
-            if self.stopping:
-                if all(s.pid is None for s in self.slots):
-                    self.done.set()
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            log(f"worker {slot.n} (pid {pid}, cpu {slot.cpu}) {describe_exit(status)}")
-            if code == server.EXIT_BOOT_ERROR:
-                log(f"worker {slot.n} cannot boot; stopping (see the line above)")
-                self.exit_code = 1
-                self.stop()
-                continue
-            slot.restarts += 1
-            quick = time.monotonic() - slot.started < QUICK_DEATH
-            delay = RESTART_PAUSE if quick and slot.restarts > 1 else 0.0
-            self.loop.call_later(delay, lambda s=slot: self.loop.create_task(self.spawn(s)))
+            if slot is not None:
+                self.buried(slot, status)
+        self.reconcile()
+
+    def buried(self, slot: Slot, status: int) -> None:
+        """A worker's process is dead: its page holds its final figures."""
+        page = slot.page
+        figures = link.figures(page)
+        for name in link.COUNTERS:
+            slot.carried[name] += figures[name]
+        slot.lost += figures["queued_messages"]
+        replayed = slot.outbox.detach(page[LINK_DONE])
+        link.clear(page)  # for the successor
+        if slot.link is not None and slot.link.transport is not None:
+            slot.link.transport.close()
+        slot.link = None
+        pid, slot.pid = slot.pid, None
+        if self.stopping:
+            if all(s.pid is None for s in self.slots):
+                self.done.set()
+            return
+        code = os.waitstatus_to_exitcode(status)
+        lost = f", {figures['queued_messages']:,} queued messages lost" \
+            if figures["queued_messages"] else ""
+        again = f", {replayed:,} unacknowledged frames replayed" if replayed else ""
+        log(f"worker {slot.n} (pid {pid}, cpu {slot.cpu}) {describe_exit(status)}{lost}{again}")
+        if code == server.EXIT_BOOT_ERROR:
+            log(f"worker {slot.n} cannot boot; stopping (see the line above)")
+            self.exit_code = 1
+            self.stop()
+            return
+        slot.restarts += 1
+        quick = time.monotonic() - slot.started < QUICK_DEATH
+        slot.restart_at = time.monotonic() + (RESTART_PAUSE if quick and slot.restarts > 1
+                                              else 0.0)
+
+    def reconcile(self) -> None:
+        """One pass that brings the world back to W live workers (gunicorn's
+        manage_workers): spawn every empty slot whose restart pause is over."""
+        if self.stopping:
+            return
+        now = time.monotonic()
+        later = []
+        for slot in self.slots:
+            if slot.pid is None:
+                if slot.restart_at <= now:
+                    self.spawn(slot)
+                else:
+                    later.append(slot.restart_at - now)
+        if later:
+            self.loop.call_later(min(later), self.reconcile)
+
+    # -- the watchdog ------------------------------------------------------------------------
+
+    async def watchdog(self) -> None:
+        """Kill a worker whose heartbeat is older than --worker-timeout (stopped, stuck in a
+        loop, swapped out). Its frames are replayed to its successor like any dead one's."""
+        timeout = self.opts.worker_timeout
+        while not self.stopping:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for slot in self.slots:
+                slot.outbox.ack(slot.page[LINK_DONE])  # frees what idle workers acted on
+                if slot.pid is None or slot.killed_by_watchdog:
+                    continue
+                silent = now - max(slot.started, slot.page[BEAT_NS] / 1e9)
+                if silent > timeout:
+                    log(f"worker {slot.n} (pid {slot.pid}) missed its heartbeat for "
+                        f"{silent:.1f} s (--worker-timeout {timeout:g}): stopped or stuck; "
+                        "killing it")
+                    slot.killed_by_watchdog = True
+                    try:
+                        os.kill(slot.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    # -- outboxes: flushed once a loop pass, acknowledged from the pages ---------------------
+
+    def flush_soon(self, outbox: Outbox) -> None:
+        if not self.flushing:
+            self.loop.call_soon(self.flush)
+        self.flushing.add(outbox)
+
+    def flush(self) -> None:
+        for outbox in self.flushing:
+            outbox.ack(self.slots[outbox.n].page[LINK_DONE])
+            outbox.flush()
+        self.flushing.clear()
+        if self.flow.reasons and self.ack_poll is None:
+            self.ack_poll = self.loop.call_later(ACK_POLL, self.poll_acks)
+
+    def poll_acks(self) -> None:
+        """While the flow is blocked nothing else wakes us when a worker catches up."""
+        self.ack_poll = None
+        for n in list(self.flow.reasons):
+            slot = self.slots[n]
+            slot.outbox.ack(slot.page[LINK_DONE])
+            slot.outbox.flush()
+        if self.flow.reasons:
+            self.ack_poll = self.loop.call_later(ACK_POLL, self.poll_acks)
+
+    # -- stop --------------------------------------------------------------------------------
 
     def stop(self) -> None:
         """SIGTERM/SIGINT: close the links (workers exit on that), SIGTERM, then SIGKILL."""
@@ -400,7 +463,7 @@ class Manager:
             return
         self.stopping = True
         for slot in self.slots:
-            if slot.link is not None:
+            if slot.link is not None and slot.link.transport is not None:
                 slot.link.transport.close()
             if slot.pid is not None:
                 try:
@@ -421,65 +484,123 @@ class Manager:
                     pass
         self.loop.call_later(0.5, self.done.set)
 
-    # -- stats -------------------------------------------------------------------------------
+    # -- figures -----------------------------------------------------------------------------
 
-    async def worker_stats(self, slot: Slot):
-        if slot.link is None:
-            return None
-        fut = self.loop.create_future()
-        slot.pending_stats.append(fut)
-        self.put(slot, frame(STATS, b"", b""))
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), STATS_TIMEOUT)
-        except TimeoutError:
-            return None
+    def worker_row(self, slot: Slot, now: float) -> dict:
+        figures = link.figures(slot.page) if slot.pid is not None else \
+            dict.fromkeys(link.PAGE_FIELDS, 0)
+        rss = 0
+        if slot.pid is not None:
+            try:
+                with open(f"/proc/{slot.pid}/statm", "rb") as f:
+                    rss = int(f.read().split()[1]) * PAGE_SIZE
+            except (OSError, IndexError, ValueError):
+                pass
+            if not slot.base_rss or figures["connections"] == 0:
+                slot.base_rss = rss
+        beat = max(slot.started, figures["beat_ns"] / 1e9)
+        row = {"worker": slot.n, "pid": slot.pid, "cpu": slot.cpu, "port": slot.port,
+               "up": slot.pid is not None,
+               "heartbeat_age": round(now - beat, 3) if slot.pid is not None else None}
+        for name in ("connections", "waiting", "queued_messages", "queued_bytes"):
+            row[name] = figures[name]
+        for name in link.COUNTERS:
+            row[name] = figures[name] + slot.carried[name]
+        row.update(restarts=slot.restarts, rss_bytes=rss, lost=slot.lost,
+                   outbox_bytes=slot.outbox.bytes)
+        return row
 
-    async def stats(self) -> dict:
-        answers = await asyncio.gather(*(self.worker_stats(s) for s in self.slots))
-        workers = []
-        for slot, got in zip(self.slots, answers, strict=True):
-            figures = got or slot.last_stats
-            row = {"worker": slot.n, "pid": slot.pid, "cpu": slot.cpu, "port": slot.port,
-                   "up": got is not None}
-            for field in STAT_FIELDS:
-                row[field] = figures.get(field, 0)
-            row["restarts"] = slot.restarts
-            workers.append(row)
+    def stats(self) -> dict:
+        now = time.monotonic()
+        workers = [self.worker_row(slot, now) for slot in self.slots]
         totals = {f: sum(w[f] for w in workers) for f in STAT_FIELDS}
-        held = sum(len(s.held) for s in self.slots)
-        return {"workers": workers, "totals": totals,
-                "manager": {"pid": os.getpid(), "messages_in": self.messages_in,
-                            "app_rejected": self.app_rejected,
-                            "app_connections": self.app_connections,
-                            "held_messages": held, "paused": sorted(map(str, self.blocked))}}
+        return {"workers": workers, "totals": totals}
 
-    async def status_lines(self) -> None:
-        interval = self.opts.status_interval
-        last_accepted = last_delivered = last_in = 0
-        while not self.stopping:
-            await asyncio.sleep(interval)
-            s = await self.stats()
-            t = s["totals"]
-            conns = t["connections"]
-            base = sum(slot.base_rss for slot in self.slots)
-            per_conn = (t["rss_bytes"] - base) / conns if conns else 0
-            up = sum(w["up"] for w in s["workers"])
-            log(f"conns {conns:,} (+{(t['accepted'] - last_accepted) / interval:,.0f}/s) "
-                f"waiting {t['waiting']:,} | msgs in "
-                f"{(self.messages_in - last_in) / interval:,.0f}/s out "
-                f"{(t['delivered'] - last_delivered) / interval:,.0f}/s queued "
-                f"{t['queued_messages']:,} dropped {t['dropped']:,} expired {t['expired']:,} | "
-                f"rss {t['rss_bytes'] / 2**20:,.1f} MiB, {per_conn:,.0f} B/conn | "
-                f"workers {up}/{len(self.slots)} up")
-            last_accepted, last_delivered, last_in = t["accepted"], t["delivered"], \
-                self.messages_in
 
-    # -- the app port ------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Router: the app's messages to the worker that owns the id
+# ---------------------------------------------------------------------------------------------
+
+
+class Router:
+    """send / broadcast for the AppServer: a message is accepted whole (into every outbox it
+    needs) or refused whole with the reason, never half-delivered."""
+
+    def __init__(self, slots: list):
+        self.slots = slots
+        self.messages_in = 0
+        self.refused = 0  # messages refused because an outbox was full
+
+    def full(self, outbox: Outbox) -> str:
+        self.refused += 1
+        return (f"worker {outbox.n} is not keeping up ({outbox.bytes:,} bytes waiting for it, "
+                f"--queue-bytes {outbox.limit:,}): try again later")
+
+    def send(self, ids: list, message: bytes):
+        """One message to one or more ids: None when accepted, else why not."""
+        W = len(self.slots)
+        frames = [(self.slots[server.owner(i, W)].outbox, link.encode(MSG, i, message))
+                  for i in ids]
+        need: dict = {}
+        for outbox, data in frames:
+            need[outbox] = need.get(outbox, 0) + len(data)
+        for outbox, size in need.items():
+            if not outbox.room(size):
+                return self.full(outbox)
+        for outbox, data in frames:
+            outbox.put(data)
+        self.messages_in += len(frames)  # one per id: each copy is queued and counted apart
+        return None
+
+    def send_one(self, id_: bytes, message: bytes):
+        """The binary frames' fast path: one id, no lists."""
+        outbox = self.slots[server.owner(id_, len(self.slots))].outbox
+        if not outbox.put(link.encode(MSG, id_, message)):
+            return self.full(outbox)
+        self.messages_in += 1
+        return None
+
+    def broadcast(self, message: bytes):
+        data = link.encode(BROADCAST, b"", message)
+        for slot in self.slots:
+            if not slot.outbox.room(len(data)):
+                return self.full(slot.outbox)
+        for slot in self.slots:
+            slot.outbox.put(data)
+        self.messages_in += 1
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# AppServer: the app port's three protocols
+# ---------------------------------------------------------------------------------------------
+
+
+class AppServer:
+    def __init__(self, opts, router: Router, supervisor: Supervisor, flow: Flow):
+        self.opts = opts
+        self.router = router
+        self.supervisor = supervisor
+        self.flow = flow
+        self.app_rejected = 0
+        self.app_connections = 0
+
+    def stats(self) -> dict:
+        s = self.supervisor.stats()
+        s["manager"] = {"pid": os.getpid(), "messages_in": self.router.messages_in,
+                        "app_rejected": self.app_rejected,
+                        "app_refused_full": self.router.refused,
+                        "app_connections": self.app_connections,
+                        "outbox_messages": sum(len(sl.outbox.unsent) for sl in
+                                               self.supervisor.slots),
+                        "paused": sorted(self.flow.reasons)}
+        return s
 
     async def app_connection(self, reader, writer) -> None:
         self.app_connections += 1
         try:
-            # Not held back by backpressure: a GET /stats is most wanted exactly then.
+            # Not held back by the flow gate: a GET /stats is most wanted exactly then. What
+            # this read brings is bounded all the same: a full outbox refuses (Outbox.put).
             data = await reader.read(APP_READ_SIZE)
             if not data:
                 return
@@ -509,9 +630,10 @@ class Manager:
         log(f"app connection {peer}: {why}; closed")
 
     async def read_more(self, reader) -> bytes:
-        """The one place app bytes come in: waits while a worker's link is full."""
-        if not self.flow.is_set():
-            await self.flow.wait()
+        """The one place app bytes come in after the first read: waits while the flow is
+        blocked (a worker is behind)."""
+        if not self.flow.open.is_set():
+            await self.flow.open.wait()
         return await reader.read(APP_READ_SIZE)
 
     async def serve_binary(self, reader, buf: bytes) -> None:
@@ -535,7 +657,9 @@ class Manager:
                     if size - id_end - 1 > max_message:
                         return self.app_error_bare(f"message over --max-message {max_message}")
                     break
-                self.send(id_, buf[id_end + 1:msg_end])
+                refused = self.router.send_one(id_, buf[id_end + 1:msg_end])
+                if refused is not None:  # the frames before it were taken
+                    return self.app_error_bare(f"binary frame refused: {refused}")
                 pos = msg_end + 1
             buf = buf[pos:]
             data = await self.read_more(reader)
@@ -601,8 +725,8 @@ class Manager:
         if len(message) > self.opts.max_message:
             return no(f"message over --max-message ({self.opts.max_message} bytes)")
         if obj.get("broadcast") is True:
-            self.broadcast(message)
-            return {"ok": True}, authed
+            refused = self.router.broadcast(message)
+            return (no(refused) if refused else ({"ok": True}, authed))
         if "id" in obj:
             ids = [obj["id"]]
         elif "ids" in obj and isinstance(obj["ids"], list):
@@ -614,9 +738,8 @@ class Manager:
             if not isinstance(id_, str) or not valid_id(id_.encode("utf-8", "replace")):
                 return no(f"invalid id {str(id_)[:40]!r}: 1-128 of [A-Za-z0-9_~-]")
             raw.append(id_.encode())
-        for id_ in raw:  # all valid: none is half-delivered
-            self.send(id_, message)
-        return {"ok": True}, authed
+        refused = self.router.send(raw, message)  # all valid: none is half-delivered
+        return no(refused) if refused else ({"ok": True}, authed)
 
     async def serve_http(self, reader, writer, buf: bytes) -> None:
         """HTTP/1.1 with keep-alive: POST /send/<id>, POST /broadcast, GET /stats.
@@ -668,7 +791,7 @@ class Manager:
                 keep = b"close" not in conn if req.version == b"HTTP/1.1" else \
                     b"keep-alive" in conn
                 if req.path == b"/stats" and req.method == b"GET" and self.authorized(req):
-                    out.append(http_reply(200, await self.stats(), keep))
+                    out.append(http_reply(200, self.stats(), keep))
                 else:
                     out.append(self.http_action(req, body, keep))
                 if not keep:
@@ -721,42 +844,75 @@ class Manager:
             if body is None:
                 return None
             if path == b"/broadcast":
-                self.broadcast(body)
+                refused = self.router.broadcast(body)
             else:
-                self.send(path[6:], body)
+                refused = self.router.send_one(path[6:], body)
+            if refused is not None:
+                self.app_rejected += 1
+                return http_reply(503, {"ok": False, "error": refused}, keep,
+                                  b"Retry-After: 1\r\n")
             return ACCEPTED_KEEP if keep else http_reply(202, {"ok": True}, False)
         if path == b"/stats":
             return no(405, "use GET")
         return no(404, "POST /send/<id>, POST /broadcast, GET /stats")
 
-    # -- start and run -----------------------------------------------------------------------
+    async def status_lines(self) -> None:
+        interval = self.opts.status_interval
+        last_accepted = last_delivered = last_in = 0
+        slots = self.supervisor.slots
+        while not self.supervisor.stopping:
+            await asyncio.sleep(interval)
+            s = self.stats()
+            t = s["totals"]
+            conns = t["connections"]
+            base = sum(slot.base_rss for slot in slots)
+            per_conn = (t["rss_bytes"] - base) / conns if conns else 0
+            up = sum(w["up"] for w in s["workers"])
+            messages_in = self.router.messages_in
+            log(f"conns {conns:,} (+{(t['accepted'] - last_accepted) / interval:,.0f}/s) "
+                f"waiting {t['waiting']:,} | msgs in "
+                f"{(messages_in - last_in) / interval:,.0f}/s out "
+                f"{(t['delivered'] - last_delivered) / interval:,.0f}/s queued "
+                f"{t['queued_messages']:,} dropped {t['dropped']:,} expired {t['expired']:,} "
+                f"lost {t['lost']:,} | rss {t['rss_bytes'] / 2**20:,.1f} MiB, "
+                f"{per_conn:,.0f} B/conn | workers {up}/{len(slots)} up")
+            last_accepted, last_delivered, last_in = t["accepted"], t["delivered"], messages_in
 
-    async def run(self) -> int:
-        o = self.opts
-        self.open_ports()
-        try:
-            app = await asyncio.start_server(self.app_connection, o.app_host, o.app_port,
-                                             limit=APP_READ_SIZE, backlog=o.backlog)
-        except OSError as e:
-            sys.exit(f"megacomet: cannot listen on app port {o.app_host}:{o.app_port}: "
-                     f"{e.strerror} (--app-host, --app-port)")
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self.stop)
-        self.loop.add_signal_handler(signal.SIGCHLD, self.reap)
-        for slot in self.slots:
-            await self.spawn(slot)
-        log(f"megacomet: {o.workers} workers on {o.host}:{o.base_port}-"
-            f"{o.base_port + o.workers - 1}, app port {o.app_host}:{o.app_port}, "
-            f"pid {os.getpid()}")
-        status = None
-        if o.status_interval > 0:
-            status = self.loop.create_task(self.status_lines())
-        await self.done.wait()
-        app.close()
-        if status is not None:
-            status.cancel()
-        self.reap()
-        return self.exit_code
+
+# ---------------------------------------------------------------------------------------------
+# Start and run
+# ---------------------------------------------------------------------------------------------
+
+
+async def run(opts) -> int:
+    loop = asyncio.get_running_loop()
+    flow = Flow()
+    supervisor = Supervisor(opts, flow)
+    supervisor.open_ports()
+    router = Router(supervisor.slots)
+    app = AppServer(opts, router, supervisor, flow)
+    try:
+        server_ = await asyncio.start_server(app.app_connection, opts.app_host, opts.app_port,
+                                             limit=APP_READ_SIZE, backlog=opts.backlog)
+    except OSError as e:
+        sys.exit(f"megacomet: cannot listen on app port {opts.app_host}:{opts.app_port}: "
+                 f"{e.strerror} (--app-host, --app-port)")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, supervisor.stop)
+    loop.add_signal_handler(signal.SIGCHLD, supervisor.reap)
+    supervisor.reconcile()  # the first pass spawns every worker
+    log(f"megacomet: {opts.workers} workers on {opts.host}:{opts.base_port}-"
+        f"{opts.base_port + opts.workers - 1}, app port {opts.app_host}:{opts.app_port}, "
+        f"pid {os.getpid()}")
+    tasks = [loop.create_task(supervisor.watchdog())]
+    if opts.status_interval > 0:
+        tasks.append(loop.create_task(app.status_lines()))
+    await supervisor.done.wait()
+    server_.close()
+    for task in tasks:
+        task.cancel()
+    supervisor.reap()
+    return supervisor.exit_code
 
 
 # ---------------------------------------------------------------------------------------------
@@ -764,51 +920,40 @@ class Manager:
 # ---------------------------------------------------------------------------------------------
 
 
-def positive(kind):
-    def check(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return check
-
-
-def non_negative(text):
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MegaComet: long-polling HTTP server, one worker "
                                 "per CPU, app messages on the app port. See README.md.")
-    p.add_argument("--workers", type=positive(int), default=len(os.sched_getaffinity(0)),
+    p.add_argument("--workers", type=options.positive_int,
+                   default=len(os.sched_getaffinity(0)),
                    help="worker processes (default: CPUs in the affinity mask)")
     p.add_argument("--host", default="0.0.0.0", help="comet ports bind here")
-    p.add_argument("--base-port", type=positive(int), default=8000,
+    p.add_argument("--base-port", type=options.port, default=8000,
                    help="worker n listens on base + n (default 8000)")
     p.add_argument("--app-host", default="127.0.0.1", help="app port host (private default)")
-    p.add_argument("--app-port", type=positive(int), default=9000)
-    p.add_argument("--backlog", type=positive(int), default=4096,
+    p.add_argument("--app-port", type=options.port, default=9000)
+    p.add_argument("--backlog", type=options.positive_int, default=4096,
                    help="listen backlog (capped by net.core.somaxconn)")
-    p.add_argument("--max-message", type=positive(int), default=65536,
+    p.add_argument("--max-message", type=options.positive_int, default=65536,
                    help="larger messages are refused (bytes)")
-    p.add_argument("--queue-ttl", type=positive(float), default=60.0,
+    p.add_argument("--queue-ttl", type=options.positive_float, default=60.0,
                    help="undelivered messages expire after this many seconds")
-    p.add_argument("--queue-max", type=positive(int), default=100,
+    p.add_argument("--queue-max", type=options.positive_int, default=100,
                    help="messages queued per id; overflow drops the oldest")
-    p.add_argument("--queue-bytes", type=positive(int), default=64 * 1024 * 1024,
-                   help="queued bytes per worker; overflow drops the oldest")
-    p.add_argument("--poll-timeout", type=non_negative, default=0.0,
+    p.add_argument("--queue-bytes", type=options.positive_int, default=64 * 1024 * 1024,
+                   help="queued bytes per worker; overflow drops the oldest. Also the bound on "
+                        "a worker's outbox in the manager: past it publishes are refused")
+    p.add_argument("--poll-timeout", type=options.non_negative, default=0.0,
                    help="a waiting poll gets 204 after this many seconds (0: off)")
-    p.add_argument("--keepalive", type=non_negative, default=60.0,
+    p.add_argument("--keepalive", type=options.non_negative, default=60.0,
                    help="TCP keepalive idle seconds on client sockets (0: off)")
-    p.add_argument("--header-timeout", type=positive(float), default=10.0,
+    p.add_argument("--header-timeout", type=options.positive_float, default=10.0,
                    help="close connections that sent no whole request head by then")
-    p.add_argument("--write-timeout", type=positive(float), default=30.0,
+    p.add_argument("--write-timeout", type=options.positive_float, default=30.0,
                    help="close a client that has not read its whole answer by then")
-    p.add_argument("--status-interval", type=non_negative, default=10.0,
+    p.add_argument("--worker-timeout", type=options.positive_float, default=10.0,
+                   help="kill and restart a worker whose heartbeat is older than this "
+                        "(seconds; a stopped or stuck worker)")
+    p.add_argument("--status-interval", type=options.non_negative, default=10.0,
                    help="status line period in seconds (0: off)")
     p.add_argument("--cors-origin", default="*", help="Access-Control-Allow-Origin value")
     p.add_argument("--app-token", default=None,
@@ -823,11 +968,7 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     nofile = raise_nofile()
     log(manager_capacity_line(opts.workers, nofile))
-
-    async def go():
-        return await Manager(opts).run()
-
-    return asyncio.run(go())
+    return asyncio.run(run(opts))
 
 
 if __name__ == "__main__":

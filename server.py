@@ -50,17 +50,40 @@ import argparse
 import errno
 import fcntl
 import json
+import mmap
 import os
 import re
 import resource
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 from collections import deque
 from typing import NamedTuple
+
+import link
+import options
+from link import (
+    ACCEPTED,
+    BEAT_NS,
+    CLOSED_FLOOD,
+    CLOSED_HEADER_TIMEOUT,
+    CLOSED_RESET,
+    CLOSED_TIMED_OUT,
+    CLOSED_WRITE_TIMEOUT,
+    CONNECTIONS,
+    DELIVERED,
+    DROPPED,
+    EXPIRED,
+    LINK_DONE,
+    MSG,
+    QUEUED_BYTES,
+    QUEUED_MESSAGES,
+    REFUSED_NO_WATCH,
+    REJECTED,
+    WAITING,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Constants and limits
@@ -68,6 +91,7 @@ from typing import NamedTuple
 
 LISTEN_FD = 3  # where the manager puts this worker's listening socket
 LINK_FD = 4  # where the manager puts this worker's end of the link
+PAGE_FD = 5  # where the manager puts this worker's shared page (link.py)
 EXIT_BOOT_ERROR = 3  # "cannot even start": the manager stops instead of restart-looping
 
 MAX_HEAD = 8192  # request head limit; over it is 431 (nginx's 8k header buffers, node's old 8 KiB)
@@ -78,7 +102,18 @@ LINK_READ_SIZE = 256 * 1024
 GARBAGE_READS = 4  # reads a waiting client may spend on bytes after its request
 LINGER_TIMEOUT = 2.0  # seconds an answered error connection is drained before it is closed
 DEFER_ACCEPT = 1  # seconds the kernel may hold a silent new connection before accept
-EMFILE_BACKOFF = 0.5  # seconds the listener rests after accept() ran out of file descriptors
+ACCEPT_BACKOFF = 0.5  # seconds the listener rests after accept() failed for want of a resource
+# accept() errors that concern one connection only (it was reset or refused before we took it);
+# any other error is the listener's or the system's, and retrying at once would spin.
+ACCEPT_TRANSIENT = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR,
+                              errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET,
+                              errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH))
+LIMIT_LOG_EVERY = 10.0  # seconds between two log lines about the same limit
+FD_TABLE_START = 65536  # fd table slots at start (fewer under a lower open-file limit)
+BEAT_INTERVAL = 1.0  # the loop passes at least this often (heartbeat), and --worker-timeout / 4
+# Why a connection was closed unanswered, from the errno of the read or write that failed.
+CLOSE_CAUSES = {errno.ETIMEDOUT: CLOSED_TIMED_OUT, errno.ECONNRESET: CLOSED_RESET,
+                errno.EPIPE: CLOSED_RESET}
 ID_RE = re.compile(rb"[A-Za-z0-9_~-]{1,128}")
 CALLBACK_RE = re.compile(rb"[A-Za-z_$][A-Za-z0-9_$.]{0,63}")
 HOST_RE = re.compile(rb"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
@@ -87,11 +122,6 @@ TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 # Connection states that are not "waiting on an id" (a waiting fd's state is its id, bytes).
 READING, WRITING, LINGER = 1, 2, 3
-
-# Link frames, manager <-> worker: kind, id length, payload length, then id and payload.
-LINK_HEAD = struct.Struct("!cBI")
-MSG, BROADCAST, STATS, ACK = b"M", b"B", b"S", b"A"
-ACK_BODY = struct.Struct("!Q")  # link bytes this worker has read and acted on, in all
 
 EPOLL_CLIENT = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 
@@ -211,6 +241,7 @@ REASONS = {
     200: b"OK", 204: b"No Content", 307: b"Temporary Redirect", 400: b"Bad Request",
     401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed", 409: b"Conflict",
     411: b"Length Required", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
 }
 
 
@@ -250,7 +281,7 @@ def location(req: Request, port: int, fd: int) -> bytes:
 
 
 class Worker:
-    def __init__(self, opts, listener: socket.socket, link_fd: int):
+    def __init__(self, opts, listener: socket.socket, link_fd: int, page=None):
         self.n = opts.worker
         self.workers = opts.workers
         self.base_port = opts.base_port
@@ -260,6 +291,8 @@ class Worker:
         self.poll_timeout = opts.poll_timeout
         self.header_timeout = opts.header_timeout
         self.write_timeout = opts.write_timeout
+        # The loop passes at least this often, idle or not: each pass is a heartbeat.
+        self.beat_interval = min(BEAT_INTERVAL, opts.worker_timeout / 4)
         self.tail = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: %s\r\n"
                      b"Connection: close\r\n\r\n" % opts.cors_origin.encode())
         self.info = json.dumps({"worker": self.n, "workers": self.workers,
@@ -269,12 +302,15 @@ class Worker:
         self.listen_fd = listener.fileno()
         self.link_fd = link_fd
         self.epoll = select.epoll()
-        # Opened once: with every fd taken by clients, opening it per /stats would fail.
-        self.statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        # Figures and counters live in the page the manager reads (link.py); without a
+        # manager (a profile, a test) in a private buffer.
+        self.count = link.view(bytearray(link.PAGE_SIZE) if page is None else page)
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.fd_limit = nofile if nofile != resource.RLIM_INFINITY else 1 << 20
-        self.state: list = [None] * self.fd_limit  # fd -> None | READING | WRITING | LINGER | id
-        self.fds = list(range(self.fd_limit))  # interned fd ints (see the module docstring)
+        self.fd_limit = nofile  # for the log line only; may be RLIM_INFINITY
+        size = FD_TABLE_START if nofile == resource.RLIM_INFINITY else \
+            min(nofile, FD_TABLE_START)
+        self.state: list = [None] * size  # fd -> None | READING | WRITING | LINGER | id
+        self.fds = list(range(size))  # interned fd ints (see the module docstring)
 
         self.waiters: dict = {}  # id -> fd, or list of up to 4 fds (oldest first)
         self.reading: dict = {}  # fd -> [deadline, bytes so far, scanned]; accept order
@@ -282,33 +318,54 @@ class Worker:
         self.lingering: dict = {}  # fd -> deadline; answered errors being drained
         self.flushing: dict = {}  # fd -> deadline; answers the client is slow to read
         self.outbuf: dict = {}  # fd -> memoryview of the answer's unwritten rest
+        self.linger_after: set = set()  # fds in outbuf whose answer ends with a linger
         self.jsonp: dict = {}  # fd -> callback name, for the few waiting JSONP polls
 
         self.queues: dict = {}  # id -> [entry, ...] oldest first; entry = [expiry, id, message]
         self.order: deque = deque()  # every queued entry in arrival (= expiry) order
         self.link_in = b""
-        self.link_out = b""
-        self.link_out_armed = False  # EPOLLOUT asked for on the link
-        self.link_read = 0  # link bytes read; those not in link_in were acted on
+        self.link_read = 0  # link bytes read, in all; those not in link_in were acted on
         self.link_hot = False  # the link had more to read when the per-turn cap stopped us
         self.accept_hot = False  # same for the listener
-        self.accept_paused_until = 0.0  # EMFILE: listener unwatched until then
+        self.accept_paused_until = 0.0  # EMFILE and friends: listener unwatched until then
+        self.last_limit_log: dict = {}  # limit name -> when it was last logged
 
-        # Counters, reported to the manager.
-        self.connections = 0
-        self.waiting = 0
-        self.accepted = 0
-        self.queued_messages = 0
-        self.queued_bytes = 0
-        self.delivered = 0
-        self.expired = 0
-        self.dropped = 0
-        self.rejected = 0
-        self.last_emfile_log = 0.0
+    # -- limits: logged once in a while, never fatal -----------------------------------------
+
+    def limit_hit(self, name: str, line: str) -> None:
+        now = time.monotonic()
+        if now - self.last_limit_log.get(name, -LIMIT_LOG_EVERY) >= LIMIT_LOG_EVERY:
+            self.last_limit_log[name] = now
+            log(f"worker {self.n}: {line}")
+
+    def grow_tables(self, fd: int) -> None:
+        """The fd tables start at FD_TABLE_START slots and double as fds grow: preallocating
+        for the open-file limit costs 48 B per slot up front, 48 MiB under the shipped unit's
+        LimitNOFILE=1048576 and a MemoryError under infinity."""
+        size = len(self.state)
+        new = max(size * 2, fd + 1)
+        self.state.extend([None] * (new - size))
+        self.fds.extend(range(size, new))
+
+    def register(self, fd: int, events: int) -> bool:
+        """epoll_ctl(ADD). ENOSPC is fs.epoll.max_user_watches reached (every watched fd of
+        this user, all processes): that one connection is refused, the rest are served."""
+        try:
+            self.epoll.register(fd, events)
+            return True
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+        self.count[REFUSED_NO_WATCH] += 1
+        self.limit_hit("watches", "epoll cannot watch one more connection (ENOSPC: "
+                       "fs.epoll.max_user_watches reached); refusing new connections until "
+                       "some close; raise it, see tuning/sysctl.conf")
+        return False
 
     # -- the one close path ------------------------------------------------------------------
 
-    def close(self, fd: int) -> None:
+    def close(self, fd: int, cause: int = 0) -> None:
+        """End a connection; `cause`, when given, is the page counter of why."""
         s = self.state[fd]
         if s is None:
             return
@@ -321,9 +378,17 @@ class Worker:
         elif self.outbuf and fd in self.outbuf:
             del self.outbuf[fd]
             self.flushing.pop(fd, None)
+            self.linger_after.discard(fd)
         self.state[fd] = None
-        self.connections -= 1
+        count = self.count
+        count[CONNECTIONS] -= 1
+        if cause:
+            count[cause] += 1
         os.close(fd)  # also removes it from the epoll set: nothing else holds this file
+
+    def close_on_error(self, fd: int, e: OSError) -> None:
+        cause = CLOSE_CAUSES.get(e.errno, CLOSED_RESET)
+        self.close(fd, cause)
 
     def forget_waiter(self, fd: int, id_: bytes) -> None:
         w = self.waiters[id_]
@@ -333,7 +398,7 @@ class Worker:
             w.remove(fd)
             if len(w) == 1:
                 self.waiters[id_] = w[0]
-        self.waiting -= 1
+        self.count[WAITING] -= 1
         if self.poll_deadlines:
             self.poll_deadlines.pop(fd, None)
         if self.jsonp:
@@ -353,8 +418,8 @@ class Worker:
             n = os.write(fd, data)
         except BlockingIOError:
             n = 0
-        except OSError:
-            self.close(fd)
+        except OSError as e:
+            self.close_on_error(fd, e)
             return False
         if n == len(data):
             if linger:
@@ -365,13 +430,15 @@ class Worker:
         # The rest waits for EPOLLOUT; asking for it only now saves a wake-up per connection.
         self.outbuf[fd] = memoryview(data)[n:]  # slices of it copy nothing
         self.flushing[fd] = time.monotonic() + self.write_timeout
+        if linger:
+            self.linger_after.add(fd)
         self.watch(fd, EPOLL_CLIENT | select.EPOLLOUT)
         return True
 
     def refuse(self, fd: int, err: HTTPError, extra: bytes = b"") -> None:
         """Answer an error with a one-line reason; it lingers, as the client may have sent
         more than we read."""
-        self.rejected += 1
+        self.count[REJECTED] += 1
         body = err.reason.encode() + b"\n"
         self.answer(fd, response_head(err.status, len(body), TEXT, self.tail, extra) + body,
                     linger=True)
@@ -396,7 +463,8 @@ class Worker:
         try:
             self.epoll.modify(fd, events)
         except FileNotFoundError:
-            self.epoll.register(fd, events)
+            if not self.register(fd, events):
+                self.close(fd)
 
     def flush(self, fd: int) -> None:
         data = self.outbuf[fd]
@@ -404,18 +472,24 @@ class Worker:
             n = os.write(fd, data)
         except BlockingIOError:
             return
-        except OSError:
-            self.close(fd)
+        except OSError as e:
+            self.close_on_error(fd, e)
             return
-        if n == len(data):
-            self.close(fd)
-        else:
+        if n < len(data):
             self.outbuf[fd] = data[n:]
+            return
+        del self.outbuf[fd]
+        self.flushing.pop(fd, None)
+        if fd in self.linger_after:  # unread bytes behind the request: see linger()
+            self.linger_after.discard(fd)
+            self.linger(fd)
+        else:
+            self.close(fd)
 
     # -- accepting and reading requests ------------------------------------------------------
 
     def accept(self) -> None:
-        listener, state, fds = self.listener, self.state, self.fds
+        listener, state, fds, count = self.listener, self.state, self.fds, self.count
         for _ in range(ACCEPTS_PER_TURN):
             try:
                 # socket.accept() would wrap the fd in a socket object we would throw away.
@@ -424,15 +498,17 @@ class Worker:
                 self.accept_hot = False
                 return
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.pause_accept(e)
-                    return
-                continue  # ECONNABORTED and friends: that one connection is gone
+                if e.errno in ACCEPT_TRANSIENT:
+                    continue  # that one connection is gone; the next may be fine
+                self.pause_accept(e)
+                return
+            if fd >= len(state):
+                self.grow_tables(fd)
             fd = fds[fd]
             fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NONBLOCK)  # one syscall; set_blocking makes two
             state[fd] = READING
-            self.connections += 1
-            self.accepted += 1
+            count[CONNECTIONS] += 1
+            count[ACCEPTED] += 1
             # The request has usually arrived with the handshake (TCP_DEFER_ACCEPT): read it
             # before registering, so a connection answered at once never costs an epoll_ctl.
             self.read_head(fd, None)
@@ -443,13 +519,16 @@ class Worker:
         # instead of spinning; the pending connections wait in the backlog.
         self.epoll.modify(self.listen_fd, 0)
         self.accept_hot = False
-        now = time.monotonic()
-        self.accept_paused_until = now + EMFILE_BACKOFF
-        if now - self.last_emfile_log > 10:
-            self.last_emfile_log = now
-            log(f"worker {self.n}: accept failed ({e.strerror}) with {self.connections} "
-                f"connections open: the open-file limit {self.fd_limit} caps this worker at "
-                f"~{self.fd_limit - 16:,} connections; see tuning/check.py")
+        self.accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            limit = "the open-file limit" if e.errno == errno.EMFILE else \
+                "the system-wide open-file limit (fs.file-max)"
+            self.limit_hit("accept", f"accept failed ({e.strerror}) with "
+                           f"{self.count[CONNECTIONS]:,} connections open: {limit} caps this "
+                           f"worker (RLIMIT_NOFILE {self.fd_limit}); see tuning/check.py")
+        else:
+            self.limit_hit("accept", f"accept failed ({e.strerror}, errno {e.errno}); "
+                           f"the listener rests {ACCEPT_BACKOFF} s and tries again")
 
     def read_head(self, fd: int, entry) -> None:
         """Read what the client sent and act on a whole head. `entry` is its `reading` row,
@@ -464,8 +543,8 @@ class Worker:
                 chunk = os.read(fd, want)
             except BlockingIOError:
                 break
-            except OSError:
-                self.close(fd)
+            except OSError as e:
+                self.close_on_error(fd, e)
                 return
             if not chunk:
                 eof = True  # the client shut its side; what it sent before still counts
@@ -489,8 +568,10 @@ class Worker:
         if req is None:
             scanned = used or 0
             if fresh:
-                entry = self.reading[fd] = [time.monotonic() + self.header_timeout, buf, scanned]
-                self.epoll.register(fd, EPOLL_CLIENT)
+                if not self.register(fd, EPOLL_CLIENT):
+                    self.close(fd)
+                    return
+                self.reading[fd] = [time.monotonic() + self.header_timeout, buf, scanned]
             else:
                 entry[1], entry[2] = buf, scanned
             return
@@ -554,21 +635,29 @@ class Worker:
                 del self.queues[id_]
             message = entry[2]
             entry[2] = None  # tombstone in `order`
-            self.queued_messages -= 1
-            self.queued_bytes -= len(message)
+            count = self.count
+            # The answer goes out before the queue count drops: a SIGKILL between the two
+            # counts the message lost though the client got it; over, never under.
             if self.answer(fd, self.message_response(message, callback), linger):
-                self.delivered += 1
+                count[DELIVERED] += 1
+            count[QUEUED_MESSAGES] -= 1
+            count[QUEUED_BYTES] -= len(message)
+            return
+        if fresh and not self.register(fd, EPOLL_CLIENT):
+            # Cannot wait without epoll; answered without a linger, which needs epoll too.
+            self.count[REJECTED] += 1
+            body = b"server at capacity (epoll watch limit): try again later\n"
+            self.answer(fd, response_head(503, len(body), TEXT, self.tail) + body)
             return
         self.wait(fd, id_, callback)
-        if fresh:
-            self.epoll.register(fd, EPOLL_CLIENT)
 
     def wait(self, fd: int, id_: bytes, callback) -> None:
         w = self.waiters.get(id_)
         if w.__class__ is list and len(w) >= MAX_WAITERS_PER_ID:
-            self.rejected += 1
+            self.count[REJECTED] += 1
             body = b"pushed out: more than 4 polls wait on this id\n"
             self.answer(w[0], response_head(409, len(body), TEXT, self.tail) + body)
+            w = self.waiters.get(id_)
         if w is None:
             self.waiters[id_] = fd
         elif w.__class__ is int:
@@ -576,7 +665,7 @@ class Worker:
         else:
             w.append(fd)
         self.state[fd] = id_  # the same object as the key above when it is the first poll
-        self.waiting += 1
+        self.count[WAITING] += 1
         if callback is not None:
             self.jsonp[fd] = callback
         if self.poll_timeout > 0:
@@ -594,10 +683,10 @@ class Worker:
                     return
             except BlockingIOError:
                 return
-            except OSError:
-                self.close(fd)
+            except OSError as e:
+                self.close_on_error(fd, e)
                 return
-        self.close(fd)  # a flood after its request: not a comet client
+        self.close(fd, CLOSED_FLOOD)  # a flood after its request: not a comet client
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -612,7 +701,7 @@ class Worker:
         if id_ in self.waiters:
             sent = self.answer_waiters(id_, self.message_response(message, None), message)
             if sent:
-                self.delivered += sent
+                self.count[DELIVERED] += sent
                 return
         self.enqueue(id_, message)
 
@@ -629,6 +718,7 @@ class Worker:
         return sent
 
     def enqueue(self, id_: bytes, message: bytes) -> None:
+        count = self.count
         entry = [time.monotonic() + self.queue_ttl, id_, message]
         queue = self.queues.get(id_)
         if queue is None:
@@ -637,16 +727,16 @@ class Worker:
             queue.append(entry)
             if len(queue) > self.queue_max:
                 self.drop(queue.pop(0))
-                self.dropped += 1
+                count[DROPPED] += 1
         self.order.append(entry)
-        self.queued_messages += 1
-        self.queued_bytes += len(message)
-        while self.queued_bytes > self.queue_bytes_max:
+        count[QUEUED_MESSAGES] += 1
+        count[QUEUED_BYTES] += len(message)
+        while count[QUEUED_BYTES] > self.queue_bytes_max:
             old = self.order.popleft()
             if old[2] is not None:
                 self.unqueue(old)
-                self.dropped += 1
-        if len(self.order) > 2 * self.queued_messages + 1024:
+                count[DROPPED] += 1
+        if len(self.order) > 2 * count[QUEUED_MESSAGES] + 1024:
             # Tombstones of delivered messages wait for their expiry; compact when they are
             # the majority, so `order` stays within twice the live queue.
             self.order = deque(e for e in self.order if e[2] is not None)
@@ -660,99 +750,62 @@ class Worker:
         self.drop(entry)
 
     def drop(self, entry: list) -> None:
-        self.queued_messages -= 1
-        self.queued_bytes -= len(entry[2])
+        count = self.count
+        count[QUEUED_MESSAGES] -= 1
+        count[QUEUED_BYTES] -= len(entry[2])
         entry[2] = None
 
     def broadcast(self, message: bytes) -> None:
         """To every connection waiting at this moment; nothing is queued for absent ids."""
         plain = self.message_response(message, None)
+        count = self.count
         for id_ in list(self.waiters):
-            self.delivered += self.answer_waiters(id_, plain, message)
+            count[DELIVERED] += self.answer_waiters(id_, plain, message)
 
     # -- the manager link --------------------------------------------------------------------
 
     def read_link(self) -> bool:
-        """Read and act on link frames, then acknowledge them: the manager keeps a copy of
-        every frame until then and replays the unacknowledged ones to this worker's successor
-        if it dies. False when the manager is gone."""
-        done = self.link_read - len(self.link_in)
-        try:
-            for _ in range(LINK_READS_PER_TURN):
-                try:
-                    chunk = os.read(self.link_fd, LINK_READ_SIZE)
-                except BlockingIOError:
-                    self.link_hot = False
-                    return True
-                except ConnectionResetError:
-                    return False
-                if not chunk:
-                    return False
-                self.link_read += len(chunk)
-                self.handle_frames(self.link_in + chunk if self.link_in else chunk)
-            self.link_hot = True
-            return True
-        finally:
-            now_done = self.link_read - len(self.link_in)  # a partial frame is not done
-            if now_done != done:
-                self.send_link(ACK, b"", ACK_BODY.pack(now_done))
+        """Read and act on link frames. False when the manager is gone."""
+        for _ in range(LINK_READS_PER_TURN):
+            try:
+                chunk = os.read(self.link_fd, LINK_READ_SIZE)
+            except BlockingIOError:
+                self.link_hot = False
+                return True
+            except ConnectionResetError:
+                return False
+            if not chunk:
+                return False
+            self.link_read += len(chunk)
+            self.handle_frames(self.link_in + chunk if self.link_in else chunk)
+        self.link_hot = True
+        return True
 
     def handle_frames(self, data: bytes) -> None:
-        pos = 0
-        size = len(data)
-        unpack = LINK_HEAD.unpack_from
-        while size - pos >= 6:
-            kind, idlen, msglen = unpack(data, pos)
-            start = pos + 6 + idlen
-            end = start + msglen
-            if end > size:
-                break
-            id_ = data[pos + 6:start]
-            message = data[start:end]
-            pos = end
+        """Act on each whole frame, and acknowledge it in the page right after (link.py):
+        the manager replays what a dead worker had not acknowledged."""
+        count = self.count
+        base = self.link_read - len(data)  # link offset of data[0]
+        frames, used = link.decode(data)
+        for kind, id_, message, end in frames:
             if kind == MSG:
                 self.deliver(id_, message)
-            elif kind == BROADCAST:
+            else:
                 self.broadcast(message)
-            elif kind == STATS:
-                self.send_link(STATS, b"", json.dumps(self.stats()).encode())
-        self.link_in = data[pos:]
-
-    def send_link(self, kind: bytes, id_: bytes, payload: bytes) -> None:
-        self.link_out += LINK_HEAD.pack(kind, len(id_), len(payload)) + id_ + payload
-        self.flush_link()
-
-    def flush_link(self) -> None:
-        try:
-            n = os.write(self.link_fd, self.link_out)
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            n = len(self.link_out)  # the manager is gone; the read side will see it
-        self.link_out = self.link_out[n:]
-        if bool(self.link_out) != self.link_out_armed:  # epoll_ctl only on a change
-            self.link_out_armed = bool(self.link_out)
-            self.epoll.modify(self.link_fd, select.EPOLLIN | select.EPOLLET |
-                              (select.EPOLLOUT if self.link_out else 0))
-
-    def stats(self) -> dict:
-        rss = int(os.pread(self.statm, 128, 0).split()[1]) * resource.getpagesize()
-        return {"connections": self.connections, "waiting": self.waiting,
-                "accepted": self.accepted, "queued_messages": self.queued_messages,
-                "queued_bytes": self.queued_bytes, "delivered": self.delivered,
-                "expired": self.expired, "dropped": self.dropped, "rejected": self.rejected,
-                "rss_bytes": rss}
+            count[LINK_DONE] = base + end
+        self.link_in = data[used:]
 
     # -- timers ------------------------------------------------------------------------------
 
     def sweep(self, now: float) -> float:
-        """Act on every deadline that has passed; return seconds until the next one (or -1).
+        """Act on every deadline that has passed; return seconds until the next one.
         Each table is in deadline order, so only its head is ever looked at twice."""
-        nxt = []
+        nxt = [now + self.beat_interval]
         if self.reading:
             for fd in due(self.reading, now, nxt):
-                self.rejected += 1
-                self.close(fd)  # a slow or silent client: no answer, it sent no request
+                self.count[REJECTED] += 1
+                # A slow or silent client: no answer, it sent no request.
+                self.close(fd, CLOSED_HEADER_TIMEOUT)
         if self.poll_deadlines:
             for fd in due(self.poll_deadlines, now, nxt):
                 if fd in self.poll_deadlines:
@@ -762,13 +815,13 @@ class Worker:
                 self.close(fd)
         if self.flushing:
             for fd in due(self.flushing, now, nxt):
-                self.close(fd)  # a client that does not read its answer
+                self.close(fd, CLOSED_WRITE_TIMEOUT)  # a client that does not read its answer
         order = self.order
         while order and order[0][0] <= now:
             entry = order.popleft()
             if entry[2] is not None:
                 self.unqueue(entry)
-                self.expired += 1
+                self.count[EXPIRED] += 1
         if order:
             nxt.append(order[0][0])
         if self.accept_paused_until:
@@ -778,18 +831,20 @@ class Worker:
                 self.epoll.modify(self.listen_fd, select.EPOLLIN | select.EPOLLET)
             else:
                 nxt.append(self.accept_paused_until)
-        return max(0.0, min(nxt) - now) if nxt else -1
+        return max(0.0, min(nxt) - now)
 
     # -- the event loop ----------------------------------------------------------------------
 
     def run(self) -> None:
         epoll = self.epoll
         state = self.state
+        count = self.count
         listen_fd, link_fd = self.listen_fd, self.link_fd
         epoll.register(listen_fd, select.EPOLLIN | select.EPOLLET)
         epoll.register(link_fd, select.EPOLLIN | select.EPOLLET)
-        timeout = -1
+        timeout = 0
         while True:
+            count[BEAT_NS] = time.monotonic_ns()  # the heartbeat the manager watches
             if self.accept_hot or self.link_hot:
                 timeout = 0
             events = epoll.poll(timeout, 1024)
@@ -799,9 +854,7 @@ class Worker:
                     self.accept_hot = True
                     continue
                 if fd == link_fd:
-                    if ev & select.EPOLLOUT:
-                        self.flush_link()
-                    link_ready = link_ready or bool(ev & ~select.EPOLLOUT)
+                    link_ready = True
                     continue
                 s = state[fd]
                 if s is None:
@@ -879,19 +932,24 @@ def make_listener(host: str, port: int, backlog: int, keepalive: float) -> socke
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="MegaComet worker. Started by manager.py, which passes the listening "
-                    f"socket as fd {LISTEN_FD} and the manager link as fd {LINK_FD}.")
-    p.add_argument("--worker", type=int, required=True, help="this worker's number n")
-    p.add_argument("--workers", type=int, required=True, help="number of workers W")
-    p.add_argument("--base-port", type=int, default=8000)
-    p.add_argument("--queue-ttl", type=float, default=60.0)
-    p.add_argument("--queue-max", type=int, default=100)
-    p.add_argument("--queue-bytes", type=int, default=64 * 1024 * 1024)
-    p.add_argument("--poll-timeout", type=float, default=0.0)
-    p.add_argument("--header-timeout", type=float, default=10.0)
-    p.add_argument("--write-timeout", type=float, default=30.0)
+                    f"socket as fd {LISTEN_FD}, the manager link as fd {LINK_FD} and the shared "
+                    f"page as fd {PAGE_FD}.")
+    p.add_argument("--worker", type=options.non_negative_int, required=True,
+                   help="this worker's number n")
+    p.add_argument("--workers", type=options.positive_int, required=True,
+                   help="number of workers W")
+    p.add_argument("--base-port", type=options.port, default=8000)
+    p.add_argument("--queue-ttl", type=options.positive_float, default=60.0)
+    p.add_argument("--queue-max", type=options.positive_int, default=100)
+    p.add_argument("--queue-bytes", type=options.positive_int, default=64 * 1024 * 1024)
+    p.add_argument("--poll-timeout", type=options.non_negative, default=0.0)
+    p.add_argument("--header-timeout", type=options.positive_float, default=10.0)
+    p.add_argument("--write-timeout", type=options.positive_float, default=30.0)
+    p.add_argument("--worker-timeout", type=options.positive_float, default=10.0)
     p.add_argument("--cors-origin", default="*")
     p.add_argument("--listen-fd", type=int, default=LISTEN_FD)
     p.add_argument("--link-fd", type=int, default=LINK_FD)
+    p.add_argument("--page-fd", type=int, default=PAGE_FD)
     return p.parse_args(argv)
 
 
@@ -903,11 +961,13 @@ def main(argv=None) -> int:
         listener = socket.socket(fileno=opts.listen_fd)
         listener.setblocking(False)
         os.set_blocking(opts.link_fd, False)
-    except OSError as e:
-        log(f"worker {opts.worker}: cannot use the inherited sockets ({e}); "
+        page = mmap.mmap(opts.page_fd, mmap.PAGESIZE)
+        os.close(opts.page_fd)  # the mapping stays
+    except (OSError, ValueError) as e:
+        log(f"worker {opts.worker}: cannot use the inherited sockets and page ({e}); "
             "server.py is started by manager.py")
         return EXIT_BOOT_ERROR
-    Worker(opts, listener, opts.link_fd).run()
+    Worker(opts, listener, opts.link_fd, page).run()
     return 0
 
 

@@ -1,0 +1,123 @@
+"""What passes between the manager and a worker: frames one way, a shared page the other.
+
+Manager -> worker: frames on the link, a UNIX stream socket (fd 4 in the worker):
+
+    kind (1 byte) | id length (1 byte) | payload length (4 bytes, big-endian) | id | payload
+
+MSG carries an id and a message; BROADCAST a message and an empty id. Nothing else is sent:
+a worker's death is the link's EOF, and the manager's is the worker's.
+
+Worker -> manager: a page of shared memory (a memfd, fd 5 in the worker, mapped by both), an
+array of unsigned 64-bit figures named by PAGE_FIELDS. The worker keeps its counters there
+instead of in Python attributes, so:
+- the manager reads /stats figures without asking: a stopped or busy worker cannot delay it;
+- the page outlives the process: when a worker dies the manager reads its last figures exactly,
+  to carry its counters over to its successor and to count what was queued in it as lost;
+- `link_done`, the link bytes the worker has read *and acted on* (whole frames only), is the
+  acknowledgement: the manager keeps every frame it wrote until link_done passes it, and
+  replays the rest to the successor of a worker that died. It is updated after each frame, so
+  at most the frame being acted on at the moment of a SIGKILL is delivered twice.
+- `beat_ns`, CLOCK_MONOTONIC (one clock for the whole box) at the worker's last loop pass, is
+  the heartbeat: gunicorn's workers touch a file for the same purpose. The worker passes its
+  loop at least every BEAT_INTERVAL even when idle.
+Each figure is one aligned 8-byte word: a read never sees half of a write (x86-64, arm64).
+
+Encoding and decoding are pure functions over bytes, property-tested like the HTTP parser.
+"""
+
+import mmap
+import os
+import struct
+
+# ---------------------------------------------------------------------------------------------
+# Frames, manager -> worker
+# ---------------------------------------------------------------------------------------------
+
+HEAD = struct.Struct("!cBI")
+HEAD_SIZE = HEAD.size  # 6
+MSG, BROADCAST = b"M", b"B"
+KINDS = (MSG, BROADCAST)
+MAX_ID = 255  # the id length is one byte; valid ids are at most 128 bytes anyway
+MAX_PAYLOAD = 2**32 - 1
+
+
+class LinkError(Exception):
+    """Bytes on the link that are not a frame: a bug on the other end, never user input."""
+
+
+def encode(kind: bytes, id_: bytes, payload: bytes) -> bytes:
+    if kind not in KINDS or len(id_) > MAX_ID or len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"not a link frame: kind {kind!r}, id {len(id_)} B, "
+                         f"payload {len(payload)} B")
+    return HEAD.pack(kind, len(id_), len(payload)) + id_ + payload
+
+
+def decode(data: bytes) -> tuple[list, int]:
+    """The whole frames at the start of `data`: ([(kind, id, payload, end), ...], bytes used).
+    `end` is where each frame ends in `data`, so a reader can acknowledge frame by frame. A
+    partial frame at the end is left for the next call (used stops before it)."""
+    frames = []
+    pos, size = 0, len(data)
+    unpack = HEAD.unpack_from
+    while size - pos >= HEAD_SIZE:
+        kind, idlen, length = unpack(data, pos)
+        start = pos + HEAD_SIZE + idlen
+        end = start + length
+        if end > size:
+            break
+        if kind not in KINDS:
+            raise LinkError(f"unknown link frame kind {kind!r} at byte {pos}")
+        frames.append((kind, data[pos + HEAD_SIZE:start], data[start:end], end))
+        pos = end
+    return frames, pos
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared page, worker -> manager
+# ---------------------------------------------------------------------------------------------
+
+PAGE_FIELDS = (
+    "beat_ns",            # CLOCK_MONOTONIC ns at the worker's last loop pass (heartbeat)
+    "link_done",          # link bytes read and acted on (the acknowledgement)
+    "connections",        # open client connections, now
+    "waiting",            # of which waiting polls
+    "queued_messages",    # messages queued for absent ids, now
+    "queued_bytes",
+    "accepted",           # counters from here on: they only grow
+    "delivered",          # answers carrying a message
+    "expired",            # queued messages that reached --queue-ttl
+    "dropped",            # queued messages pushed out by --queue-max / --queue-bytes
+    "rejected",           # requests refused with an error status, or closed unanswered
+    "closed_header_timeout",  # no whole request head within --header-timeout
+    "closed_write_timeout",   # did not read its answer within --write-timeout
+    "closed_flood",           # kept sending after its request
+    "closed_reset",           # the peer reset the connection (ECONNRESET, EPIPE)
+    "closed_timed_out",       # the kernel gave up on the peer (ETIMEDOUT: keepalive, retries)
+    "refused_no_watch",       # epoll could not take one more fd (fs.epoll.max_user_watches)
+)
+GAUGES = ("beat_ns", "link_done", "connections", "waiting", "queued_messages", "queued_bytes")
+COUNTERS = PAGE_FIELDS[PAGE_FIELDS.index("accepted"):]
+(BEAT_NS, LINK_DONE, CONNECTIONS, WAITING, QUEUED_MESSAGES, QUEUED_BYTES, ACCEPTED, DELIVERED,
+ EXPIRED, DROPPED, REJECTED, CLOSED_HEADER_TIMEOUT, CLOSED_WRITE_TIMEOUT, CLOSED_FLOOD,
+ CLOSED_RESET, CLOSED_TIMED_OUT, REFUSED_NO_WATCH) = range(len(PAGE_FIELDS))
+PAGE_SIZE = 8 * len(PAGE_FIELDS)
+
+
+def new_page(name: str) -> tuple[int, memoryview]:
+    """A zeroed shared page for one worker slot: (memfd to hand to the worker, view of it)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.ftruncate(fd, mmap.PAGESIZE)
+    return fd, view(mmap.mmap(fd, mmap.PAGESIZE))
+
+
+def view(buffer) -> memoryview:
+    """The figures of a page (an mmap, or a bytearray for a worker run without a manager)."""
+    return memoryview(buffer)[:PAGE_SIZE].cast("Q")
+
+
+def figures(page: memoryview) -> dict:
+    return dict(zip(PAGE_FIELDS, page.tolist(), strict=True))
+
+
+def clear(page: memoryview) -> None:
+    page[:] = memoryview(bytes(page.nbytes)).cast("Q")
