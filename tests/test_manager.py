@@ -285,8 +285,7 @@ def test_frames_a_worker_never_acknowledged_go_to_its_successor(manager):
             s.sendall(binary_frames(ids, b"m" * 1000))
         time.sleep(0.3)  # the manager has written them into the link by now
     finally:
-        os.kill(old[0], signal.SIGKILL)
-        os.kill(old[0], signal.SIGCONT)
+        os.kill(old[0], signal.SIGKILL)  # a stopped process dies of it too: no SIGCONT
     wait_until(lambda: worker_pids(m)[0] not in (None, old[0]), timeout=5, what="restart")
     wait_total(m, "queued_messages", len(ids))
     assert m.stats()["workers"][0]["queued_messages"] == len(ids)

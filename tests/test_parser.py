@@ -121,8 +121,19 @@ def test_head_just_over_limit_is_431():
 
 
 def test_incomplete_head_at_limit_still_waits():
-    buf = b"GET /a.js HTTP/1.1\r\nX-Big: " + b"a" * 100
-    assert parse(buf) == (None, len(buf))
+    """Exactly MAX_HEAD bytes without the blank line: not over the limit yet, so it waits;
+    one byte more is 431; and the blank line arriving right at the limit is a request."""
+    start = b"GET /a.js HTTP/1.1\r\nX-Big: "
+    buf = start + b"a" * (MAX_HEAD - len(start))
+    assert len(buf) == MAX_HEAD
+    assert parse(buf) == (None, MAX_HEAD)
+    with pytest.raises(HTTPError) as info:
+        parse(buf + b"a")
+    assert info.value.status == 431
+    whole = start + b"a" * (MAX_HEAD - len(start) - 4) + b"\r\n\r\n"
+    assert len(whole) == MAX_HEAD
+    req, used = parse(whole)
+    assert used == MAX_HEAD and req.headers[b"x-big"] == b"a" * (MAX_HEAD - len(start) - 4)
 
 
 def test_custom_limit():

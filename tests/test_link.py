@@ -1,0 +1,173 @@
+"""link.py's codec and the manager's Outbox: pure, property-tested.
+
+The Outbox model: a fake link records what the manager writes; a fake worker acts on a prefix
+of it (whole frames only, as the real one acknowledges) and may die at any moment, its page's
+link_done then final. Whatever happens, the frames the workers acted on, in order, are exactly
+the frames accepted, in order: none lost, none twice, per-worker FIFO kept.
+"""
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import link
+from link import BROADCAST, MSG, LinkError
+from manager import Flow, Outbox
+
+ids = st.binary(min_size=0, max_size=40)
+payloads = st.binary(min_size=0, max_size=300)
+frames_st = st.lists(st.tuples(st.sampled_from([MSG, BROADCAST]), ids, payloads), max_size=30)
+
+
+@given(frames_st, st.lists(st.integers(min_value=0, max_value=4000), max_size=10))
+def test_any_split_decodes_to_the_frames_encoded(frames, cuts):
+    stream = b"".join(link.encode(k, i, p) for k, i, p in frames)
+    got, rest = [], b""
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {len(stream)})
+    pos = 0
+    for b in bounds:
+        data = rest + stream[pos:b]
+        pos = b
+        decoded, used = link.decode(data)
+        got += [(k, i, p) for k, i, p, _ in decoded]
+        ends = [e for *_, e in decoded]
+        assert ends == sorted(ends) and (not ends or ends[-1] == used)
+        rest = data[used:]
+    assert got == frames and rest == b""
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_decode_or_raise_link_error(data):
+    try:
+        frames, used = link.decode(data)
+    except LinkError:
+        return
+    assert 0 <= used <= len(data)
+    assert all(k in link.KINDS for k, *_ in frames)
+
+
+def test_encode_refuses_what_is_not_a_frame():
+    for bad in ((b"X", b"a", b""), (MSG, b"a" * 256, b"")):
+        with pytest.raises(ValueError):
+            link.encode(*bad)
+
+
+def test_the_page_round_trips_every_field():
+    page = link.view(bytearray(link.PAGE_SIZE))
+    for n, _ in enumerate(link.PAGE_FIELDS):
+        page[n] = n * 1000 + 7
+    assert link.figures(page) == {f: n * 1000 + 7 for n, f in enumerate(link.PAGE_FIELDS)}
+    link.clear(page)
+    assert set(link.figures(page).values()) == {0}
+
+
+# ---------------------------------------------------------------------------------------------
+# The Outbox, against a model worker
+# ---------------------------------------------------------------------------------------------
+
+
+class FakeLink:
+    def __init__(self):
+        self.data = b""
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+class ModelWorker:
+    """Reads a prefix of what was written and acts on the whole frames in it."""
+
+    def __init__(self, link_: FakeLink):
+        self.link = link_
+        self.done = 0  # its page's link_done
+        self.acted: list = []
+
+    def read(self, upto: int) -> None:
+        target = min(len(self.link.data), self.done + upto)
+        frames, used = link.decode(self.link.data[self.done:target])
+        for _, id_, payload, _end in frames:
+            self.acted.append(id_ + payload)
+        self.done += used
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("put"), st.integers(min_value=1, max_value=200)),
+    st.tuples(st.just("flush"), st.just(0)),
+    st.tuples(st.just("read"), st.integers(min_value=0, max_value=2000)),
+    st.tuples(st.just("ack"), st.just(0)),
+    st.tuples(st.just("die"), st.just(0)),
+    st.tuples(st.just("start"), st.just(0)),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops, st.integers(min_value=300, max_value=5000))
+def test_outbox_loses_nothing_and_keeps_order_through_any_deaths(ops, limit):
+    asyncio.set_event_loop(asyncio.new_event_loop())  # Flow's Event wants a loop to exist
+    flow = Flow()
+    box = Outbox(0, limit, flow)
+    box.flush_soon = lambda _box: None
+    accepted, acted = [], []
+    worker = None
+    seq = 0
+    for op, arg in ops:
+        if op == "put":
+            body = b"%d:" % seq + b"x" * arg
+            seq += 1
+            data = link.encode(MSG, b"", body)
+            before = box.bytes
+            if box.put(data):
+                accepted.append(body)
+            else:
+                assert before + len(data) > limit and box.bytes == before
+        elif op == "flush":
+            box.flush()
+        elif op == "read" and worker is not None:
+            worker.read(arg)
+        elif op == "ack" and worker is not None:
+            box.ack(worker.done)
+        elif op == "die" and worker is not None:
+            worker.link.closing = True
+            box.detach(worker.done)  # the reaper reads a dead worker's final link_done
+            acted += worker.acted
+            worker = None
+        elif op == "start" and worker is None:
+            worker = ModelWorker(FakeLink())
+            box.attach(worker.link)
+        assert box.bytes <= limit
+        assert box.bytes == sum(len(f) for _, b in box.unacked for f in b) + \
+            sum(map(len, box.unsent))
+    # A last worker that reads everything: every accepted frame was acted on once, in order.
+    if worker is None:
+        worker = ModelWorker(FakeLink())
+        box.attach(worker.link)
+    box.flush()
+    worker.read(len(worker.link.data))
+    box.ack(worker.done)
+    acted += worker.acted
+    assert acted == accepted
+    assert box.bytes == 0 and not box.unacked and not box.unsent
+    assert flow.open.is_set()
+
+
+def test_a_frame_half_read_by_a_dead_worker_is_replayed_whole():
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    box = Outbox(0, 10_000, Flow())
+    box.flush_soon = lambda _box: None
+    first = FakeLink()
+    box.attach(first)
+    frames = [link.encode(MSG, b"id", b"m%d" % k) for k in range(3)]
+    for f in frames:
+        box.put(f)
+    box.flush()
+    done = len(frames[0]) + 2  # the first frame acted on, two bytes of the second read
+    assert box.detach(done) == 2
+    second = FakeLink()
+    box.attach(second)
+    assert second.data == frames[1] + frames[2]

@@ -1,0 +1,373 @@
+"""Faults and limits: kernel limits hit, hung workers, full outboxes, slow readers.
+
+Each test here failed before the fix it guards. Kernel limits that cannot be reached from a
+test without changing the box (fs.epoll.max_user_watches, a huge RLIMIT_NOFILE) are injected
+into a real Worker run in a thread, on real sockets.
+"""
+
+import errno
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import ROOT
+from test_comet import (
+    answer,
+    connect,
+    hold,
+    id_for,
+    ids_for,
+    parse,
+    poll_now,
+    read_all,
+    start_poll,
+    still_waiting,
+    totals,
+    wait_total,
+    wait_until,
+)
+from test_manager import alive, worker_pids
+
+import link
+import server
+
+# ---------------------------------------------------------------------------------------------
+# A real Worker in a thread of the test process, with its link in the test's hands
+# ---------------------------------------------------------------------------------------------
+
+
+class ThreadWorker:
+    def __init__(self, *args: str):
+        self.listener = server.make_listener("127.0.0.1", 0, 128, 0)
+        self.port = self.listener.getsockname()[1]
+        self.link, theirs = socket.socketpair()
+        self.theirs = theirs
+        os.set_blocking(theirs.fileno(), False)
+        opts = server.parse_args(["--worker", "0", "--workers", "1", "--base-port",
+                                  str(self.port), *args])
+        self.worker = server.Worker(opts, self.listener, theirs.fileno())
+        self.error = None
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as e:  # the test asserts there was none
+            self.error = e
+
+    def start(self) -> "ThreadWorker":
+        self.thread.start()
+        return self
+
+    def send(self, id_: bytes, message: bytes) -> None:
+        self.link.sendall(link.encode(link.MSG, id_, message))
+
+    def count(self, field: str) -> int:
+        return self.worker.count[link.PAGE_FIELDS.index(field)]
+
+    def stop(self) -> None:
+        self.link.close()  # the worker returns when its link closes
+        self.thread.join(5)
+        assert not self.thread.is_alive(), "worker did not stop"
+        self.theirs.close()
+        self.listener.close()
+        assert self.error is None, f"worker raised {self.error!r}"
+
+
+@pytest.fixture
+def thread_worker():
+    made = []
+
+    def make(*args: str, start: bool = True) -> ThreadWorker:
+        w = ThreadWorker(*args)
+        made.append(w)
+        return w.start() if start else w
+
+    yield make
+    for w in made:
+        if w.thread.is_alive():
+            w.stop()
+
+
+class NoWatches:
+    """epoll whose ADD fails with ENOSPC for client fds while `full` is set: what
+    fs.epoll.max_user_watches reached looks like."""
+
+    def __init__(self, real, allowed: set):
+        self.real, self.allowed, self.full = real, allowed, True
+
+    def register(self, fd, events):
+        if self.full and fd not in self.allowed:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.real.register(fd, events)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_epoll_watch_limit_refuses_one_connection_and_keeps_serving(thread_worker):
+    tw = thread_worker(start=False)
+    w = tw.worker
+    w.epoll = NoWatches(w.epoll, {w.listen_fd, w.link_fd})
+    tw.start()
+    status, *_, body = poll_now(tw.port, "a")  # would wait: cannot be watched
+    assert status == 503 and b"epoll" in body
+    with connect(tw.port) as s:  # an incomplete head would need watching too
+        s.sendall(b"GET /a.js HTTP/1.1\r\n")
+        assert read_all(s) == b""
+    assert tw.count("refused_no_watch") == 2
+    w.epoll.full = False  # connections closed; the limit has room again
+    s = start_poll(tw.port, "a")
+    assert still_waiting(s)
+    tw.send(b"a", b"still here")
+    assert answer(s)[3] == b"still here"
+    tw.stop()
+
+
+class BrokenListener:
+    def __init__(self, err: int):
+        self.err, self.calls = err, 0
+
+    def _accept(self):
+        self.calls += 1
+        raise OSError(self.err, os.strerror(self.err))
+
+
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.EMFILE, errno.ENOBUFS])
+def test_a_failing_listener_rests_instead_of_spinning(thread_worker, capsys, err):
+    tw = thread_worker(start=False)
+    w = tw.worker
+    w.epoll.register(w.listen_fd, 0)
+    w.listener = BrokenListener(err)
+    w.accept()
+    assert w.listener.calls == 1 and not w.accept_hot and w.accept_paused_until > 0
+    assert "accept failed" in capsys.readouterr().err
+    w.accept_paused_until = time.monotonic() - 1  # the rest is over: it tries again, once
+    w.sweep(time.monotonic())
+    w.accept()
+    assert w.listener.calls == 2 and capsys.readouterr().err == ""  # logged once per 10 s
+
+
+def test_an_aborted_connection_does_not_pause_the_listener(thread_worker):
+    tw = thread_worker(start=False)
+    w = tw.worker
+    w.epoll.register(w.listen_fd, 0)
+    w.listener = BrokenListener(errno.ECONNABORTED)
+    w.accept()
+    assert w.listener.calls == server.ACCEPTS_PER_TURN and not w.accept_paused_until
+
+
+@pytest.mark.parametrize("limit", [resource.RLIM_INFINITY, 1_073_741_816, 1_048_576])
+def test_fd_tables_do_not_grow_with_the_open_file_limit(monkeypatch, limit):
+    monkeypatch.setattr(server.resource, "getrlimit", lambda _: (limit, limit))
+    tw = ThreadWorker()
+    try:
+        assert len(tw.worker.state) == len(tw.worker.fds) == server.FD_TABLE_START
+    finally:
+        tw.listener.close()
+        tw.link.close()
+        tw.theirs.close()
+
+
+def test_fd_tables_grow_as_fds_grow(monkeypatch, thread_worker):
+    monkeypatch.setattr(server, "FD_TABLE_START", 8)
+    tw = thread_worker()
+    assert len(tw.worker.state) == 8
+    socks = [start_poll(tw.port, f"g{k}") for k in range(40)]
+    wait_until(lambda: tw.count("waiting") == 40, what="40 waiting")
+    assert len(tw.worker.state) > max(tw.worker.waiters.values())
+    for k in range(40):
+        tw.send(b"g%d" % k, b"m%d" % k)
+    for k, s in enumerate(socks):
+        assert answer(s)[3] == b"m%d" % k
+        s.close()
+    tw.stop()
+
+
+def test_a_long_answer_with_unread_bytes_behind_it_lingers(thread_worker):
+    """An answer bigger than the socket buffers, to a client that sent more than we read:
+    closing right after the last write resets the connection over the unread bytes and throws
+    away the end of the answer still in our send queue. The worker is stepped by hand, so the
+    bytes sent late are not read (as when they arrive just before the last EPOLLOUT)."""
+    tw = thread_worker(start=False)
+    w = tw.worker
+    body = bytes(range(256)) * 32768  # 8 MiB: more than one write takes here
+    w.deliver(b"big", body)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer cannot fit at once
+    s.connect(("127.0.0.1", tw.port))
+    s.sendall(b"GET /big.js HTTP/1.1\r\nHost: x\r\n\r\n" + b"z" * 100)
+    wait_until(lambda: w.accept() or w.outbuf, what="a partial write")
+    (fd,) = w.outbuf
+    s.sendall(b"z" * 1000)  # never read by the worker
+    got = []
+    reader = threading.Thread(target=lambda: got.append(read_all(s, 10)))
+    reader.start()
+    deadline = time.monotonic() + 10
+    while fd in w.outbuf and time.monotonic() < deadline:
+        select.select([], [fd], [], 0.05)  # what EPOLLOUT would say
+        w.flush(fd)
+    reader.join(10)
+    assert got, "the client's read failed (reset?)"
+    status, _, _, data = parse(got[0])
+    assert status == 200 and data == body
+    s.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The manager: watchdog, bounded outboxes, stats that never wait, counters that survive
+# ---------------------------------------------------------------------------------------------
+
+
+def binary(ids, message: bytes) -> bytes:
+    return b"".join(b"\x02" + i.encode() + b"\x00" + message + b"\x00" for i in ids)
+
+
+def http_publish(s: socket.socket, id_: str, message: bytes) -> tuple:
+    """One keep-alive POST /send on s; (status, body)."""
+    from conftest import read_response
+    s.sendall(f"POST /send/{id_} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(message)}"
+              f"\r\n\r\n".encode() + message)
+    status, _, body = read_response(s)
+    return status, body
+
+
+def test_a_stopped_worker_is_killed_by_the_watchdog_and_publishing_resumes(manager_factory):
+    m = manager_factory("--worker-timeout", "1")
+    old = worker_pids(m)
+    w0_ids = ids_for(0, 100, "hung")
+    w1 = id_for(1, "free")
+    pub = socket.create_connection(("127.0.0.1", m.app_port), timeout=10)
+    assert http_publish(pub, w1, b"before")[0] == 202
+    os.kill(old[0], signal.SIGSTOP)
+    # 6 MB for the stopped worker: more than a link holds, so the flow gate closes.
+    with socket.create_connection(("127.0.0.1", m.app_port), timeout=10) as flood:
+        flood.sendall(binary(w0_ids, b"x" * 60_000))
+    t0 = time.monotonic()
+    stats = m.stats()  # read from the pages: answered while a worker is stopped
+    assert time.monotonic() - t0 < 0.5
+    row = stats["workers"][0]
+    assert row["up"] is True and row["pid"] == old[0]
+    wait_until(lambda: m.stats()["manager"]["paused"] == [0], 3, what="flow paused by worker 0")
+    t0 = time.monotonic()
+    status, body = http_publish(pub, w1, b"after")  # waits on the gate, then goes through
+    stall = time.monotonic() - t0
+    assert status == 202, body
+    assert stall < 1 + 2.0, f"publishing to worker 1 stalled {stall:.1f} s"
+    pub.close()
+    wait_until(lambda: worker_pids(m)[0] not in (None, old[0]), 5, what="worker 0 restarted")
+    assert not alive(old[0])
+    assert worker_pids(m)[1] == old[1]
+    wait_total(m, "queued_messages", 100 + 2, timeout=10)  # every frame replayed, none twice
+    assert poll_now(m.port_for(w1), w1)[3] == b"before"
+    assert poll_now(m.port_for(w1), w1)[3] == b"after"
+    m.stop()
+    assert "missed its heartbeat" in m.output
+
+
+def test_a_full_outbox_refuses_publishes_with_a_clear_error(manager_factory):
+    """New app connections are read once before the flow gate (GET /stats must answer while
+    it is closed); a full outbox bounds what those reads can bring."""
+    limit = 1_000_000
+    m = manager_factory("--queue-bytes", str(limit), "--worker-timeout", "60")
+    pid0 = worker_pids(m)[0]
+    ids = ids_for(0, 40, "full")
+    os.kill(pid0, signal.SIGSTOP)
+    results = []
+    try:
+        for id_ in ids:  # one new connection per publish: the pattern that leaked
+            with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as s:
+                results.append(http_publish(s, id_, b"y" * 60_000))
+        stats = m.stats()
+        with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as s:
+            s.sendall(b'{"id": "%s", "message": "%s"}\n' % (ids[0].encode(), b"z" * 60_000))
+            line = json.loads(s.makefile().readline())
+        with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as s:
+            s.sendall(binary(ids[:1], b"w" * 60_000))
+            s.settimeout(5)
+            assert s.recv(1) == b""  # closed at the frame it could not take
+    finally:
+        os.kill(pid0, signal.SIGCONT)
+    taken = [r for r in results if r[0] == 202]
+    refused = [r for r in results if r[0] == 503]
+    assert len(taken) + len(refused) == len(ids) and refused and taken
+    assert b"not keeping up" in refused[0][1]
+    assert stats["workers"][0]["outbox_bytes"] <= limit
+    assert line["ok"] is False and "not keeping up" in line["error"]
+    wait_total(m, "queued_messages", len(taken), timeout=10)
+    assert m.stats()["manager"]["messages_in"] == len(taken)
+
+
+def test_frames_sent_after_a_kill_queue_behind_the_replayed_ones(manager_factory):
+    m = manager_factory("--queue-max", "1000")
+    pid0 = worker_pids(m)[0]
+    id_ = id_for(0, "fifo")
+    os.kill(pid0, signal.SIGSTOP)
+    with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as s:
+        s.sendall(b"".join(b"\x02%s\x00old%03d\x00" % (id_.encode(), k) for k in range(100)))
+        time.sleep(0.3)
+        os.kill(pid0, signal.SIGKILL)
+        s.sendall(b"".join(b"\x02%s\x00new%03d\x00" % (id_.encode(), k) for k in range(100)))
+    wait_total(m, "queued_messages", 200, timeout=10)
+    got = [poll_now(m.port_for(id_), id_)[3] for _ in range(200)]
+    assert got == [b"old%03d" % k for k in range(100)] + [b"new%03d" % k for k in range(100)]
+
+
+def test_a_killed_workers_queue_is_counted_lost_and_its_counters_carried(manager):
+    m = manager
+    id_ = id_for(0, "carry")
+    s = hold(m, id_)
+    from test_comet import send
+    send(m, id_, b"delivered")
+    assert answer(s)[3] == b"delivered"
+    for k in range(5):
+        send(m, id_, b"queued%d" % k)
+    wait_total(m, "queued_messages", 5)
+    old = worker_pids(m)[0]
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: worker_pids(m)[0] not in (None, old), 5, what="restart")
+    t = totals(m)
+    assert (t["lost"], t["queued_messages"], t["delivered"]) == (5, 0, 1)
+    assert m.stats()["workers"][0]["restarts"] == 1
+
+
+@pytest.mark.parametrize("cause", ["header_timeout", "reset", "flood"])
+def test_closes_are_counted_by_cause(manager_factory, cause):
+    m = manager_factory("--header-timeout", "0.3")
+    id_ = id_for(0, "cause")
+    s = connect(m.port_for(id_))
+    if cause == "header_timeout":
+        s.sendall(b"GET /x.js HTTP/1.1\r\n")
+        assert read_all(s) == b""
+    else:
+        s.sendall(f"GET /{id_}.js HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        wait_total(m, "waiting", 1)
+        if cause == "reset":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        else:
+            try:
+                s.sendall(b"z" * (server.GARBAGE_READS * 65536 + 1))
+            except OSError:
+                pass
+    s.close()
+    wait_total(m, f"closed_{cause}", 1)
+
+
+@pytest.mark.parametrize("prog,option", [("manager.py", "--header-timeout"),
+                                         ("manager.py", "--worker-timeout"),
+                                         ("manager.py", "--queue-ttl"),
+                                         ("server.py", "--poll-timeout")])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_nan_and_infinite_durations_are_refused(prog, option, value):
+    extra = ["--worker", "0", "--workers", "1"] if prog == "server.py" else []
+    r = subprocess.run([sys.executable, str(ROOT / prog), *extra, f"{option}={value}"],
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 2 and option in r.stderr, r.stderr
