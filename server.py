@@ -1,10 +1,12 @@
 """MegaComet worker: one process per core, holding long-poll connections on raw epoll.
 
-The manager (manager.py) spawns W of these. Worker n inherits two file descriptors:
+The manager (manager.py) spawns W of these. Worker n inherits three file descriptors:
 the listening socket of comet port base+n (fd 3), which the manager created and keeps, so a
 restarted worker serves the same port and connections that arrive meanwhile wait in the
-backlog; and its link to the manager (fd 4), a UNIX stream socket carrying app messages in and
-stats out. The worker exits when the link closes.
+backlog; its link to the manager (fd 4), a UNIX stream socket carrying app messages in; and
+its page (fd 5), shared memory where it keeps its counters, its acknowledgement of the link
+frames it has acted on and its heartbeat, all read by the manager (link.py). The worker exits
+when the link closes.
 
 Theory of operation
 -------------------
@@ -25,6 +27,9 @@ Errors are answered, then the write side is shut and the socket is drained for a
 Invariants:
 - `state[fd]` is None exactly when fd is not an open connection of ours; `close()` is the
   only place that ends a connection, and calling it twice is harmless.
+- No client input and no kernel limit ends the worker: a limit (open files, epoll watches)
+  refuses the one connection, is counted in the page and logged once per LIMIT_LOG_EVERY.
+- `count[LINK_DONE]` moves past a link frame only once the worker has acted on it whole.
 - A waiting fd is in `waiters[state[fd]]`, and nowhere else holds it (no timers by default).
 - A message is either written to at least one live waiting connection or queued; it is never
   written into a connection we have already seen close. Client events of a batch are handled
@@ -36,9 +41,12 @@ What an idle waiting connection costs (64-bit CPython 3.11, 6-byte id, measured 
 `make bench-memory`, see README):
 - `waiters` dict entry: 24 B entry + 4 B index slot, with the dict at 1/3–2/3 load: ~40 B
 - the id: a bytes object of 33 + len(id) bytes, rounded up by pymalloc to 16: 48 B
-- the fd as a value: ints above 256 are objects, so fds are interned in `self.fds`, built
-  at start (preallocated, like `state`: 8 B + 32 B per fd slot up to the open-file limit): 0 B
-- `state[fd]` slot: preallocated: 0 B
+- the fd as a value: ints above 256 are objects, so fds are interned in `self.fds`, a table
+  like `state` (8 B + 32 B per fd slot): 0 B per connection while the table has room. Both
+  start at FD_TABLE_START slots (or the open-file limit, if lower: 20,000 on the development
+  box, so there nothing grows during a run) and double when an fd does not fit: 40 B per
+  slot, paid as the highest fd grows, not per connection.
+- `state[fd]` slot: as `fds`: 0 B
 - epoll registration, socket buffers: kernel memory, not in the worker's RSS.
 Measured: 94 B of worker RSS per waiting connection (the rest is glibc keeping the dict's
 old tables after each resize), against 275 B for the C original and ~2,300 B for an asyncio

@@ -36,6 +36,7 @@ from _common import (  # noqa: E402
     wait_idle,
 )
 
+import link  # noqa: E402
 import server  # noqa: E402
 
 
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
             wait_idle([pid], quiet=0.5, timeout=60)
             os.kill(pid, signal.SIGUSR1)
             time.sleep(0.2)
-            mine.sendall(b"".join(server.LINK_HEAD.pack(server.MSG, len(i), 5) + i + b"hello"
+            mine.sendall(b"".join(link.encode(link.MSG, i, b"hello")
                                   for i in (b"u%d" % k for k in range(a.conns))))
             deadline = time.monotonic() + 120
             while load.stats()["s200"] < a.conns and time.monotonic() < deadline:
