@@ -109,7 +109,7 @@ FAULTS = {  # name: (method of Faults, weight)
     "watchdog": ("stop_for_watchdog", 3),  # SIGSTOP, left for --worker-timeout to kill
 }
 FAULT_GAP = (2.0, 5.0)  # seconds between two faults
-STOP_FOR = (0.3, 2.5)  # a SIGSTOP later SIGCONTed lasts this long
+STOP_FOR = (0.3, WORKER_TIMEOUT / 2)  # a SIGSTOP later SIGCONTed: short of the watchdog
 STATS_EVERY = 1.0
 STATS_TIMEOUT = 5.0  # a /stats that takes longer counts as not answered
 
@@ -986,6 +986,14 @@ class Soak:
         lost = totals.get("lost", 0)
         if stats and "lost" not in totals:
             log("the manager has no totals.lost yet: counted as 0")
+        restarts = sum(w.get("restarts", 0) for w in (stats or {}).get("workers", []))
+        deaths = faults.counts["SIGKILL"] + len(faults.watchdog_waits)
+        if restarts != deaths:
+            problems.append(f"{restarts} worker restarts for {deaths} workers killed here or "
+                            f"by the watchdog: a worker died by itself (see the manager's log)")
+        if client.get("gave_up"):
+            problems.append(f"client.py gave up {client['gave_up']} ids (a 409 or another 4xx "
+                            f"to a valid poll): {client.get('status')}")
         messages_in = (stats or {}).get("manager", {}).get("messages_in", 0)
         if messages_in != sent + broadcasts:
             problems.append(f"manager.messages_in {messages_in:,} != ours {sent + broadcasts:,}"
@@ -997,7 +1005,7 @@ class Soak:
         if unaccounted < 0:
             log(f"overcounted={-unaccounted} (messages counted twice: at-least-once replays "
                 f"after a worker death; client duplicates {client.get('duplicates', 0)}, "
-                f"worker deaths {faults.counts['SIGKILL'] + len(faults.watchdog_waits)})")
+                f"worker deaths {deaths})")
         for p in problems:
             log(f"PROBLEM: {p}")
         log(f"sent={sent} delivered={delivered} expired={expired} dropped={dropped} "
