@@ -103,11 +103,15 @@ SLOWLORIS = 150  # slowloris connections kept open
 APP_WAVE = 120  # app connections opened at once, one wave every APP_WAVE_EVERY
 APP_WAVE_EVERY = 4.0
 
-FAULTS = {  # name: (method of Faults, weight)
-    "kill": ("kill", 4),  # SIGKILL
-    "stop": ("stop_cont", 3),  # SIGSTOP, SIGCONT after STOP_FOR
-    "watchdog": ("stop_for_watchdog", 3),  # SIGSTOP, left for --worker-timeout to kill
+FAULTS = {  # name: (method of Faults, cards in the deck)
+    "kill": ("kill", 2),  # SIGKILL
+    "stop": ("stop_cont", 2),  # SIGSTOP, SIGCONT after STOP_FOR
+    "watchdog": ("stop_for_watchdog", 1),  # SIGSTOP, left for --worker-timeout to kill
+    "full": ("stop_and_fill", 1),  # the same, and its outbox filled past the flow mark
 }
+FILL_SIZE = 200 * 1024  # FILL_COUNT messages of this size: over the manager's FLOW_HIGH
+FILL_COUNT = 25  # (4 MiB of unacknowledged frames for one worker pauses every publisher)
+STALL_MAX = WORKER_TIMEOUT + 3  # a longer publisher stall while a worker is stopped: PROBLEM
 FAULT_GAP = (2.0, 5.0)  # seconds between two faults
 STOP_FOR = (0.3, WORKER_TIMEOUT / 2)  # a SIGSTOP later SIGCONTed: short of the watchdog
 STATS_EVERY = 1.0
@@ -154,6 +158,12 @@ def is_worker(pid: int, manager_pid: int) -> bool:
     """A live child of our manager: never signal a pid that may have been reused."""
     st = proc_state(pid)
     return st is not None and st[1] == manager_pid and st[0] not in "ZX"
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGTERM when the soak dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG)."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def tls_client_hello() -> bytes:
@@ -572,6 +582,7 @@ async def floods(cfg: dict) -> dict:
 def role_main(role, cfg: dict, conn) -> None:
     """A forked process running one async role; its result goes back through `conn`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    die_with_parent()
     try:
         result = asyncio.run(role(cfg))
     except BaseException as e:  # a bug in the soak itself: say so
@@ -614,66 +625,72 @@ class Watch:
 
 
 class Faults:
-    """SIGKILL, SIGSTOP + SIGCONT, or SIGSTOP left for the watchdog, one at a time."""
+    """One fault at a time, drawn from a shuffled deck (every kind comes up in every round of
+    DECK faults, so a short run sees them all)."""
 
-    def __init__(self, manager_pid: int, watch: Watch, until: float, kinds: set):
-        self.manager_pid, self.watch, self.until = manager_pid, watch, until
-        self.kinds = kinds  # of FAULTS
+    def __init__(self, manager_pid: int, app_port: int, watch: Watch, until: float,
+                 kinds: set):
+        self.manager_pid, self.app_port, self.watch, self.until = (manager_pid, app_port,
+                                                                   watch, until)
+        self.deck_kinds = [k for k in FAULTS for _ in range(FAULTS[k][1]) if k in kinds]
+        self.deck: list = []
         self.rng = random.Random()
         self.counts = Counter()
         self.stopped_spans: list = []  # (SIGSTOP time, SIGCONT or death time)
         self.watchdog_waits: list = []  # seconds from SIGSTOP to the worker's death
+        self.fill = {"ok": 0, "refused": 0, "unknown": 0}  # the "full" fault's publishes
         self.problems: list = []
-        self.current_stopped = None
 
-    def pick(self) -> int | None:
+    def pick(self) -> tuple[int, int] | None:
+        """(pid, worker number) of a live worker, from the last /stats."""
         with self.watch.lock:
             s = self.watch.last
         if not s:
             return None
-        pids = [w["pid"] for w in s["workers"] if w.get("pid")]
-        pids = [p for p in pids if is_worker(p, self.manager_pid)]
-        return self.rng.choice(pids) if pids else None
+        rows = [(w["pid"], w["worker"]) for w in s["workers"] if w.get("pid")]
+        rows = [r for r in rows if is_worker(r[0], self.manager_pid)]
+        return self.rng.choice(rows) if rows else None
 
     def run(self) -> None:
         time.sleep(1.0)
-        while time.monotonic() < self.until:
-            pid = self.pick()
-            if pid is not None and self.kinds:
-                kind = self.rng.choices(list(self.kinds),
-                                        [FAULTS[k][1] for k in self.kinds])[0]
-                getattr(self, FAULTS[kind][0])(pid)
+        while time.monotonic() < self.until and self.deck_kinds:
+            target = self.pick()
+            if target is not None:
+                if not self.deck:
+                    self.deck = self.rng.sample(self.deck_kinds, len(self.deck_kinds))
+                getattr(self, FAULTS[self.deck.pop()][0])(*target)
             gap = self.rng.uniform(*FAULT_GAP)
             time.sleep(max(0.0, min(gap, self.until - time.monotonic())))
 
-    def kill(self, pid: int) -> None:
+    def signal(self, pid: int, sig: int) -> bool:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
+            return True
         except ProcessLookupError:
-            return
-        self.counts["SIGKILL"] += 1
+            return False
 
-    def stop_cont(self, pid: int) -> None:
+    def kill(self, pid: int, n: int) -> None:
+        if self.signal(pid, signal.SIGKILL):
+            self.counts["SIGKILL"] += 1
+
+    def stop_cont(self, pid: int, n: int) -> None:
         t0 = time.monotonic()
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except ProcessLookupError:
+        if not self.signal(pid, signal.SIGSTOP):
             return
-        self.current_stopped = pid
         time.sleep(self.rng.uniform(*STOP_FOR))
         if is_worker(pid, self.manager_pid):
-            os.kill(pid, signal.SIGCONT)
-        self.current_stopped = None
+            self.signal(pid, signal.SIGCONT)
         self.stopped_spans.append((t0, time.monotonic()))
         self.counts["SIGSTOP then SIGCONT"] += 1
 
-    def stop_for_watchdog(self, pid: int) -> None:
+    def stop_for_watchdog(self, pid: int, n: int, fill: bool = False) -> None:
         t0 = time.monotonic()
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except ProcessLookupError:
+        if not self.signal(pid, signal.SIGSTOP):
             return
-        self.current_stopped = pid
+        filler = None
+        if fill:
+            filler = threading.Thread(target=self.fill_outbox, args=(n,), daemon=True)
+            filler.start()
         deadline = t0 + WORKER_TIMEOUT + 5
         while time.monotonic() < deadline and is_worker(pid, self.manager_pid):
             time.sleep(0.05)
@@ -681,12 +698,51 @@ class Faults:
         if is_worker(pid, self.manager_pid):
             self.problems.append(f"the watchdog left worker pid {pid} stopped for "
                                  f"{t1 - t0:.1f} s (--worker-timeout {WORKER_TIMEOUT:g})")
-            os.kill(pid, signal.SIGCONT)
+            self.signal(pid, signal.SIGCONT)
         else:
             self.watchdog_waits.append(t1 - t0)
-        self.current_stopped = None
         self.stopped_spans.append((t0, t1))
-        self.counts["SIGSTOP left to the watchdog"] += 1
+        if filler is not None:
+            filler.join(WORKER_TIMEOUT + 20)
+            self.counts["SIGSTOP, outbox filled, left to the watchdog"] += 1
+        else:
+            self.counts["SIGSTOP left to the watchdog"] += 1
+
+    def stop_and_fill(self, pid: int, n: int) -> None:
+        self.stop_for_watchdog(pid, n, fill=True)
+
+    def fill_outbox(self, n: int) -> None:
+        """More than the manager's flow mark for the stopped worker n, to an id of its that
+        nobody polls: the manager stops reading every app connection until the watchdog has
+        killed n and its successor has taken the replay (SPEC: at most --worker-timeout)."""
+        k = 0
+        while owner(b"soakb%d" % k, WORKERS) != n:
+            k += 1
+        body = b"b" * FILL_SIZE
+        request = b"POST /send/soakb%d HTTP/1.1\r\nHost: soak\r\nContent-Length: %d\r\n\r\n%s" \
+            % (k, len(body), body)
+        answered = 0
+        try:
+            with socket.create_connection(("127.0.0.1", self.app_port), timeout=5) as sock:
+                sock.settimeout(WORKER_TIMEOUT + 15)
+                sock.sendall(request * FILL_COUNT)
+                data = b""
+                while answered < FILL_COUNT:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                    while b"\r\n\r\n" in data:
+                        head, _, data = data.partition(b"\r\n\r\n")
+                        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                        while len(data) < length:
+                            data += sock.recv(65536)
+                        data = data[length:]
+                        answered += 1
+                        self.fill["ok" if head.startswith(b"HTTP/1.1 202") else "refused"] += 1
+        except (OSError, ValueError, IndexError) as e:
+            self.problems.append(f"filling worker {n}'s outbox: {e!r}")
+        self.fill["unknown"] += FILL_COUNT - answered
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,7 +785,8 @@ class Soak:
             with open(self.manager_log, "w") as out:
                 self.manager = subprocess.Popen(cmd, cwd=ROOT, stdout=out,
                                                 stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+                                                start_new_session=True,
+                                                preexec_fn=die_with_parent)
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and self.manager.poll() is None:
                 try:
@@ -753,7 +810,7 @@ class Soak:
                "--max-time", str(self.seconds + 120), "--json", str(self.client_json)]
         with open(self.client_log, "w") as out:
             self.client = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
+                                           start_new_session=True, preexec_fn=die_with_parent)
 
     def start_role(self, name: str, role, cfg: dict) -> None:
         ctx = multiprocessing.get_context("fork")
@@ -838,10 +895,10 @@ class Soak:
         stop_watch = threading.Event()
         watch = Watch(self.app_port, stop_watch)
         kinds = set(self.fault_kinds)
-        if not self.watchdog and "watchdog" in kinds:
-            kinds.discard("watchdog")
+        if not self.watchdog and kinds & {"watchdog", "full"}:
+            kinds -= {"watchdog", "full"}  # a stopped worker would stall publishing for good
             kinds.add("stop")
-        faults = Faults(self.manager.pid, watch, until, kinds)
+        faults = Faults(self.manager.pid, self.app_port, watch, until, kinds)
         threads = [threading.Thread(target=watch.run, daemon=True),
                    threading.Thread(target=faults.run, daemon=True)]
         for t in threads:
@@ -862,6 +919,7 @@ class Soak:
         flo = self.role_result("floods", QUEUE_TTL + 30)
         client = self.wait_client(until)
         drained = self.drain()
+        self.check_closed()
         stop_watch.set()
         threads[0].join(STATS_TIMEOUT + 2)
         return self.report(pub, flo, client, drained, watch, faults)
@@ -919,6 +977,25 @@ class Soak:
         self.problems.append(f"not drained after {DRAIN_MAX:g} s: {s and s['totals']}")
         return s
 
+    def check_closed(self) -> None:
+        """Everyone has gone: every comet and app connection must be closed by now (the
+        lingering ones after LINGER_TIMEOUT, the slow readers after --write-timeout)."""
+        deadline = time.monotonic() + 10
+        left = None
+        while time.monotonic() < deadline:
+            try:
+                s = get_stats(self.app_port)
+            except (OSError, ValueError):
+                time.sleep(0.5)
+                continue
+            # This /stats request is an app connection too.
+            left = (s["totals"]["connections"], s["manager"].get("app_connections", 1) - 1)
+            if left == (0, 0):
+                return
+            time.sleep(0.5)
+        self.problems.append(f"connections still open 10 s after everyone left: comet "
+                             f"{left and left[0]}, app {left and left[1]}")
+
     # -- the ledger -----------------------------------------------------------------------------
 
     def report(self, pub, flo, client, stats, watch, faults) -> int:
@@ -961,6 +1038,17 @@ class Soak:
                             f"exact")
         log(f"longest stall any publisher saw while a worker was stopped: {stall:.3f} s "
             f"({len(spans)} stops)")
+        if stall > STALL_MAX:
+            problems.append(f"a publisher waited {stall:.1f} s for its reply while a worker "
+                            f"was stopped: over --worker-timeout {WORKER_TIMEOUT:g} + "
+                            f"{STALL_MAX - WORKER_TIMEOUT:g} s")
+        fill = faults.fill
+        if sum(fill.values()):
+            log(f"outbox fillers: ok {fill['ok']:,}, refused {fill['refused']:,}, unknown "
+                f"{fill['unknown']:,} ({FILL_COUNT} x {FILL_SIZE // 1024} KiB each time)")
+        if fill["unknown"]:
+            problems.append(f"{fill['unknown']} outbox-filling publishes got no reply: the "
+                            f"ledger cannot be exact")
         log(f"/stats answered {watch.answered}/{watch.asked}, slowest {watch.slowest:.2f} s")
 
         # The ledger.
@@ -979,7 +1067,7 @@ class Soak:
         log(f"slow readers: {slow_delivered:,} of {len(ok_tokens):,} big messages seen, "
             f"{len(seen) - len(set(seen)):,} seen twice")
         broadcasts = ok.get("broadcast", 0)
-        sent = pop_sent + sum(ok.values()) - broadcasts
+        sent = pop_sent + sum(ok.values()) - broadcasts + fill["ok"]
         delivered = pop_recv + slow_delivered
         totals = (stats or {}).get("totals", {})
         expired, dropped = totals.get("expired", 0), totals.get("dropped", 0)
