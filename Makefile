@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test lint run bench-memory bench-cpu check clean
+.PHONY: test lint run bench-memory bench-cpu check soak clean
 
 $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ bench-memory: $(VENV)/.installed
 
 bench-cpu: $(VENV)/.installed
 	$(PY) bench/cpu.py
+
+# Every fault and bad input at once for SOAK_SECONDS, then every message accounted for.
+SOAK_SECONDS ?= 300
+soak: $(VENV)/.installed
+	$(PY) tests/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
