@@ -84,6 +84,7 @@ import traceback
 from array import array
 from collections import deque
 
+from options import non_negative, non_negative_int, port, positive_float, positive_int
 from server import owner, valid_id
 from tuning.check import raise_nofile
 
@@ -1303,27 +1304,6 @@ def print_summary(s: dict, out=sys.stdout) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
-    return value
-
-
-def non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port: {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="client.py",
@@ -1332,11 +1312,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "with --send measures message delivery through the manager's app port.")
     p.add_argument("prefix", metavar="PREFIX", help="id prefix (one per client box: a, b, ...)")
     p.add_argument("host", metavar="HOST", help="the comet server's address")
-    p.add_argument("--conns", type=count, default=DEFAULT_CONNS,
+    p.add_argument("--conns", type=positive_int, default=DEFAULT_CONNS,
                    help=f"long polls to open (default {DEFAULT_CONNS:,})")
-    p.add_argument("--workers", type=count, help="server workers (default: ask GET /_info)")
+    p.add_argument("--workers", type=positive_int, help="server workers (default: ask GET /_info)")
     p.add_argument("--base-port", type=port, default=8000, help="worker 0's port (8000)")
-    p.add_argument("--procs", type=count,
+    p.add_argument("--procs", type=positive_int,
                    help="client processes (default: enough to stay under RLIMIT_NOFILE)")
     p.add_argument("--source-ips", metavar="LIST",
                    help="bind to these: 10.0.0.1,10.0.0.2 or 127.0.0.2-127.0.0.9 or a /cidr "
@@ -1346,14 +1326,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold", type=non_negative,
                    help=f"seconds to hold the connections after the ramp ends (default "
                         f"{DEFAULT_HOLD_S:g}; 0 with --send: stop when the send phase ends)")
-    p.add_argument("--max-time", type=non_negative, default=DEFAULT_MAX_TIME_S,
+    p.add_argument("--max-time", type=positive_float, default=DEFAULT_MAX_TIME_S,
                    help=f"stop after this many seconds whatever happens ({DEFAULT_MAX_TIME_S:g})")
     p.add_argument("--stall", type=non_negative, default=STALL_S,
                    help=f"the ramp is over when every id was tried and the open count has not "
                         f"grown for this many seconds ({STALL_S:g})")
-    p.add_argument("--connect-timeout", type=non_negative, default=CONNECT_TIMEOUT_S,
+    p.add_argument("--connect-timeout", type=positive_float, default=CONNECT_TIMEOUT_S,
                    help=f"seconds a connect may take ({CONNECT_TIMEOUT_S:g})")
-    p.add_argument("--send", type=int, default=0, metavar="M",
+    p.add_argument("--send", type=non_negative_int, default=0, metavar="M",
                    help="after the ramp, send M messages through the app port and measure them")
     p.add_argument("--send-rate", type=non_negative, default=DEFAULT_SEND_RATE,
                    help=f"messages a second ({DEFAULT_SEND_RATE:g}; 0 = all at once)")
@@ -1370,7 +1350,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fail = lambda msg: (print(f"client.py: {msg}", file=sys.stderr), 2)[1]
     prefix = args.prefix.encode()
-    if args.conns < 1 or not valid_id(prefix + str(args.conns - 1).encode()):
+    if not valid_id(prefix + str(args.conns - 1).encode()):
         return fail(f"ids {args.prefix}0..{args.prefix}{args.conns - 1} are not valid ids "
                     f"(1-128 of [A-Za-z0-9_~-])")
     try:
@@ -1419,7 +1399,7 @@ def main(argv: list[str] | None = None) -> int:
            "workers": workers, "base_port": args.base_port, "procs": procs,
            "sources": sources, "rate": args.rate, "hold": hold, "max_time": args.max_time,
            "connect_timeout": args.connect_timeout, "stall": args.stall,
-           "send": max(0, args.send),
+           "send": args.send,
            "send_rate": args.send_rate, "grace": args.grace, "app_host": args.app_host,
            "app_port": args.app_port}
     parent = Parent(cfg, split_range(args.conns, procs))

@@ -335,6 +335,14 @@ def test_a_previous_runs_queued_messages_are_not_counted(manager_factory, tmp_pa
     (["--json", "/nonexistent/dir/x.json"], "--json"),
     (["--workers", "0"], "must be 1 or more"),
     (["--rate", "-5"], "must be 0 or more"),
+    (["--send", "-5"], "must be 0 or more"),
+    (["--send", "1.5"], "not a number"),
+    (["--rate", "nan"], "finite"),
+    (["--hold", "inf"], "finite"),
+    (["--grace=-inf"], "finite"),
+    (["--max-time", "0"], "more than 0"),
+    (["--connect-timeout", "0"], "more than 0"),
+    (["--app-port", "70000"], "not a port"),
 ])
 def test_bad_options_fail_at_once_with_a_clear_line(args, message):
     p = subprocess.run([*CLIENT, "x", "127.0.0.1", "--workers", "2", *args], cwd=ROOT,
