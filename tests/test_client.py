@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import client
+import server
 from client import (
     Histogram,
     likely_cause,
@@ -175,11 +176,37 @@ def test_parse_response_whole_partial_and_cut():
     assert parse_response(no_length, True) == (200, None, b"body")
 
 
-@given(st.integers(0, len(OK)))
-def test_parse_response_any_split_same_answer(cut):
-    first = parse_response(OK[:cut], False)
-    assert first is None or cut == len(OK)
-    assert parse_response(OK[:cut] + OK[cut:], False) == (200, None, b"hello")
+# What a worker sends, built by the worker's own code (server.response_head, its tail).
+TAIL = b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n"
+
+
+def real(status, body=b"", ctype=server.TEXT, extra=b""):
+    return server.response_head(status, len(body), ctype, TAIL, extra) + body
+
+
+REAL = [
+    real(200, b"t=12;seq=3"), real(200), real(204),
+    real(307, extra=b"Location: http://127.0.0.1:8003/a1.js?x=1\r\n"),
+    real(200, server.jsonp_body(b"cb", b"\r\n\r\nhi"), server.JS),
+    real(409, b"pushed out: a 5th poll on this id\r\n\r\n"),
+]
+
+
+@given(st.sampled_from(REAL), st.data())
+def test_parse_response_any_split_same_answer(raw, data):
+    """Read in pieces as the client reads them: no prefix gives an answer (or an error) before
+    the whole response is in, a prefix cut by the close is an error, and the whole gives the
+    answer the response means, with or without the close behind it."""
+    whole = parse_response(raw, True)
+    status = int(raw[9:12])
+    body = raw[raw.index(b"\r\n\r\n") + 4:]
+    location = b"http://127.0.0.1:8003/a1.js?x=1" if status == 307 else None
+    assert whole == (status, location, body)
+    for cut in data.draw(st.lists(st.integers(0, len(raw) - 1), max_size=8)):
+        assert parse_response(raw[:cut], False) is None
+        with pytest.raises(ValueError):
+            parse_response(raw[:cut], True)
+    assert parse_response(raw, False) == whole
 
 
 @given(st.binary(max_size=200), st.booleans())
