@@ -69,6 +69,7 @@ kernel has closed their sockets (abortively: RST, no TIME_WAIT left to block the
 
 import argparse
 import errno
+import functools
 import heapq
 import ipaddress
 import json
@@ -83,6 +84,8 @@ import time
 import traceback
 from array import array
 from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from itertools import zip_longest
 
 from options import non_negative, non_negative_int, port, positive_float, positive_int
 from server import owner, valid_id
@@ -338,11 +341,193 @@ class Histogram:
 
     @classmethod
     def from_json(cls, d: dict) -> "Histogram":
+        """What to_json wrote; ValueError (or KeyError, TypeError) for anything else."""
         h = cls()
         for i, c in d["buckets"]:
+            if not (type(i) is int and 0 <= i < cls.SIZE and type(c) is int and c > 0):
+                raise ValueError(f"bad bucket {i!r}: {c!r}")
             h.counts[i] = c
         h.count, h.total, h.max, h.min = d["count"], d["total"], d["max"], d["min"]
+        if h.count != sum(h.counts) or not all(
+                type(v) is int and v >= 0 for v in (h.total, h.max, h.min or 0)):
+            raise ValueError("histogram totals do not add up")
         return h
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's configuration, and a child's report: what the parent tells each child, and what
+# each child tells the parent
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """The run, decided by the parent before it forks; every child gets the same one."""
+
+    prefix: str                 # ids PREFIX0 .. PREFIX{conns-1}
+    host: str                   # HOST as given (the Host header) ...
+    addr: str                   # ... and its IPv4 address
+    loopback: bool
+    conns: int
+    workers: int                # W: id -> port base_port + x31(id) % W
+    base_port: int
+    procs: int                  # K child processes
+    sources: tuple[str, ...]    # source addresses to bind, round robin; () = the kernel picks
+    rate: float                 # new connections a second, all children together (0: at once)
+    hold: float
+    max_time: float
+    connect_timeout: float
+    stall: float
+    send: int                   # M messages through the app port (0: no --send)
+    send_rate: float            # messages a second, all children together (0: all at once)
+    grace: float
+    app_host: str
+    app_port: int
+
+
+# How the parent adds up one field of the children's reports (Report.merge).
+SUM = "sum"                     # a count
+BY_KEY = "by key"               # counts by name (failure cause, errno, HTTP status)
+BY_POSITION = "by position"     # counts by source address, in Config.sources order
+EARLIEST = "earliest"           # a time.monotonic() moment, 0.0 = not yet
+LATEST = "latest"
+ALL = "all"                     # a flag that holds for the whole run only if for every child
+HISTOGRAM = "histogram"         # Histogram.merge
+CHILD = "child"                 # which child: not added, None in a total
+
+
+def _merged(how: str):
+    if how == SUM:
+        return field(default=0, metadata={"merge": how})
+    if how == BY_KEY:
+        return field(default_factory=dict, metadata={"merge": how})
+    if how == BY_POSITION:
+        return field(default_factory=list, metadata={"merge": how})
+    if how in (EARLIEST, LATEST):
+        return field(default=0.0, metadata={"merge": how})
+    if how == ALL:
+        return field(default=False, metadata={"merge": how})
+    return field(default=None, metadata={"merge": how})
+
+
+@dataclass
+class Report:
+    """One child's counters as the parent sees them: sent once a second, and once more at the
+    end with `final` set and the latency histogram. Each field declares how the parent adds
+    it up (`merge`); nothing is added by guessing from its type."""
+
+    k: int | None = _merged(CHILD)
+    final: bool = _merged(ALL)
+    # Connections. open, connecting, unstarted and retrying are the state at the report's
+    # time; the rest count since the start.
+    open: int = _merged(SUM)
+    connecting: int = _merged(SUM)
+    opened: int = _merged(SUM)            # connects completed, re-polls included
+    ids_opened: int = _merged(SUM)    # ids open at least once
+    unstarted: int = _merged(SUM)      # ids not tried yet
+    retrying: int = _merged(SUM)
+    gave_up: int = _merged(SUM)          # ids answered 409 / 4xx: not polled again
+    failed: dict[str, int] = _merged(BY_KEY)      # by CAUSES
+    errnos: dict[str, int] = _merged(BY_KEY)
+    status: dict[str, int] = _merged(BY_KEY)      # answers by HTTP status
+    per_source: list[int] = _merged(BY_POSITION)
+    ramp_t0: float = _merged(EARLIEST)
+    last_first_open_t: float = _merged(LATEST)
+    # Messages: every 200 received, and with --send this child's share of the M.
+    msgs: int = _merged(SUM)
+    other_msgs: int = _merged(SUM)    # not this run's (or not this child's)
+    sent: int = _merged(SUM)
+    received: int = _merged(SUM)
+    dups: int = _merged(SUM)
+    unsendable: int = _merged(SUM)
+    send_done: bool = _merged(ALL)
+    last_recv_t: float = _merged(LATEST)
+    sends_done_t: float = _merged(LATEST)
+    hist: Histogram | None = _merged(HISTOGRAM)
+
+    def merge(self, other: "Report") -> "Report":
+        """A new report: the two added up, each field by its own rule."""
+        out = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            how = f.metadata["merge"]
+            if how == SUM:
+                value = a + b
+            elif how == BY_KEY:
+                value = dict(a)
+                for name, count in b.items():
+                    value[name] = value.get(name, 0) + count
+            elif how == BY_POSITION:
+                value = [x + y for x, y in zip_longest(a, b, fillvalue=0)]
+            elif how == EARLIEST:
+                value = min(a, b) if a and b else a or b
+            elif how == LATEST:
+                value = max(a, b)
+            elif how == ALL:
+                value = a and b
+            elif how == HISTOGRAM:
+                value = None
+                if a is not None or b is not None:
+                    value = Histogram()
+                    for h in (a, b):
+                        if h is not None:
+                            value.merge(h)
+            else:   # CHILD
+                value = None
+            out[f.name] = value
+        return Report(**out)
+
+    @classmethod
+    def total(cls, reports) -> "Report":
+        """The reports added up (none: all zero). Starts from the identity of every rule."""
+        return functools.reduce(cls.merge, reports, cls(final=True, send_done=True))
+
+    def to_json(self) -> dict:
+        d = asdict(self)    # deep-copies the histogram's fields: replaced by its JSON
+        d["hist"] = self.hist.to_json() if self.hist is not None else None
+        return d
+
+    @classmethod
+    def from_json(cls, d) -> "Report":
+        """The report a child wrote; ValueError for anything this program did not write."""
+        if not isinstance(d, dict):
+            raise ValueError("a report is a JSON object")
+        rules = {f.name: f.metadata["merge"] for f in fields(cls)}
+        unknown = d.keys() - rules.keys()
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)[:3]}")
+        kw = {}
+        for name, value in d.items():
+            how = rules[name]
+            if how == HISTOGRAM:
+                if value is not None:
+                    try:
+                        value = Histogram.from_json(value)
+                    except (KeyError, TypeError, ValueError, IndexError) as e:
+                        raise ValueError(f"hist: not a histogram ({e!r})") from None
+            elif not _fits(how, value):
+                raise ValueError(f"{name}: {str(value)[:40]!r} is not a {how} value")
+            kw[name] = value
+        return cls(**kw)
+
+
+def _count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _fits(how: str, v) -> bool:
+    """Whether a JSON value has the type a field merged by `how` holds."""
+    if how == SUM:
+        return _count(v)
+    if how == BY_KEY:
+        return isinstance(v, dict) and all(_count(c) for c in v.values())
+    if how == BY_POSITION:
+        return isinstance(v, list) and all(_count(c) for c in v)
+    if how in (EARLIEST, LATEST):
+        return type(v) in (int, float) and math.isfinite(v)
+    if how == ALL:
+        return type(v) is bool
+    return v is None or _count(v)   # CHILD
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,18 +618,18 @@ class Conn:
 class Child:
     """One process's share of the ids: its epoll, its connections, its counters."""
 
-    def __init__(self, k: int, cfg: dict, lo: int, hi: int, ctrl_fd: int, report_fd: int):
+    def __init__(self, k: int, cfg: Config, lo: int, hi: int, ctrl_fd: int, report_fd: int):
         self.k = k
         self.cfg = cfg
-        self.prefix = cfg["prefix"].encode()
+        self.prefix = cfg.prefix.encode()
         self.lo, self.n = lo, hi - lo
-        self.addr = cfg["addr"]
-        self.host_header = cfg["host"].encode()
-        self.base_port = cfg["base_port"]
-        self.workers = cfg["workers"]
-        self.sources = cfg["sources"]
-        self.rate = cfg["rate"] / cfg["procs"] if cfg["rate"] else 0.0
-        self.connect_timeout = cfg["connect_timeout"]
+        self.addr = cfg.addr
+        self.host_header = cfg.host.encode()
+        self.base_port = cfg.base_port
+        self.workers = cfg.workers
+        self.sources = cfg.sources
+        self.rate = cfg.rate / cfg.procs if cfg.rate else 0.0
+        self.connect_timeout = cfg.connect_timeout
         self.ctrl_fd, self.report_fd = ctrl_fd, report_fd
         self.told_full = False
         self.ep = select.epoll()
@@ -470,13 +655,13 @@ class Child:
         self.last_first_open_t = 0.0        # when the last id opened for the first time
         self.failed = dict.fromkeys(CAUSES, 0)
         self.errnos: dict[str, int] = {}
-        self.status: dict[int, int] = {}
+        self.status: dict[str, int] = {}   # answers by HTTP status, as text (JSON keys)
         self.per_source = [0] * max(1, len(self.sources))
         self.msgs = self.other_msgs = 0
 
         # --send
-        self.send_total = cfg["send"]
-        self.send_interval_ns = int(1e9 / cfg["send_rate"]) if cfg["send_rate"] else 0
+        self.send_total = cfg.send
+        self.send_interval_ns = int(1e9 / cfg.send_rate) if cfg.send_rate else 0
         self.sending = False
         self.send_t0 = 0
         self.next_seq = k
@@ -484,7 +669,7 @@ class Child:
         self.app: socket.socket | None = None
         self.app_out = bytearray()
         self.sent = self.received = self.dups = self.unsendable = 0
-        self.seen = bytearray(len(range(k, self.send_total, cfg["procs"])))  # by seq // procs
+        self.seen = bytearray(len(range(k, self.send_total, cfg.procs)))  # by seq // procs
         self.sends_done_t = 0.0
         self.send_done = self.send_total == 0
         self.last_recv_t = 0.0
@@ -637,7 +822,8 @@ class Child:
 
     def on_response(self, conn: Conn, status: int, location: bytes | None, body: bytes,
                     now: float) -> None:
-        self.status[status] = self.status.get(status, 0) + 1
+        key = str(status)
+        self.status[key] = self.status.get(key, 0) + 1
         self.close(conn)
         j, port = conn.j, conn.port
         if status in (200, 204):
@@ -669,7 +855,7 @@ class Child:
             return
         self.hist.record((time.monotonic_ns() - intended_ns) // 1000)
         self.last_recv_t = time.monotonic()
-        slot, mine = divmod(seq, self.cfg["procs"])
+        slot, mine = divmod(seq, self.cfg.procs)
         if mine != self.k or slot >= len(self.seen):
             self.other_msgs += 1        # not one this process sent
         elif self.seen[slot]:
@@ -717,14 +903,14 @@ class Child:
         self.sending = True
         self.send_t0 = t0_ns
         self.targets = [j for j in range(self.n) if self.ever_open[j]]
-        my_share = len(range(self.k, self.send_total, self.cfg["procs"]))
+        my_share = len(range(self.k, self.send_total, self.cfg.procs))
         if not self.targets or not my_share:
             self.unsendable = my_share
             self.next_seq = self.send_total
             self.sends_done_t = time.monotonic()
             return
         try:
-            self.app = socket.create_connection((self.cfg["app_host"], self.cfg["app_port"]),
+            self.app = socket.create_connection((self.cfg.app_host, self.cfg.app_port),
                                                 timeout=5)
         except OSError as e:
             self.app_failed(e)
@@ -739,7 +925,7 @@ class Child:
         unsent = self.app_out.count(2) + (1 if self.app_out and self.app_out[0] != 2 else 0)
         self.sent -= unsent
         self.unsendable += unsent + len(range(self.next_seq, self.send_total,
-                                              self.cfg["procs"]))
+                                              self.cfg.procs))
         self.app_out.clear()
         name = errno.errorcode.get(e.errno or 0, str(e))
         self.errnos[f"app port {name}"] = self.errnos.get(f"app port {name}", 0) + 1
@@ -753,7 +939,7 @@ class Child:
         """Queue every frame whose intended time has come (a bounded batch), then write."""
         if self.app is not None and len(self.app_out) < APP_BUFFER_MAX:
             now_ns = time.monotonic_ns()
-            procs = self.cfg["procs"]
+            procs = self.cfg.procs
             batch = 0
             while self.next_seq < self.send_total and batch < SEND_BATCH:
                 intended = self.send_t0 + self.next_seq * self.send_interval_ns
@@ -769,7 +955,7 @@ class Child:
         if self.next_seq >= self.send_total and not self.app_out and not self.sends_done_t:
             self.sends_done_t = now
         if self.sends_done_t and not self.send_done:
-            if self.received >= self.sent or now - self.sends_done_t >= self.cfg["grace"]:
+            if self.received >= self.sent or now - self.sends_done_t >= self.cfg.grace:
                 self.send_done = True
 
     def flush_app(self) -> None:
@@ -793,22 +979,17 @@ class Child:
     # -- reports to the parent -----------------------------------------------------------------
 
     def report(self, final: bool = False) -> None:
-        d = {
-            "k": self.k, "open": self.open, "connecting": self.connecting,
-            "peak_open": self.peak_open, "opened": self.opened, "ids_opened": self.ids_opened,
-            "unstarted": self.n - self.next_new, "gave_up": self.gave_up,
-            "retrying": len(self.retry), "failed": self.failed, "errnos": self.errnos,
-            "status": self.status, "msgs": self.msgs, "other_msgs": self.other_msgs,
-            "sent": self.sent, "received": self.received, "dups": self.dups,
-            "unsendable": self.unsendable, "send_done": self.send_done,
-            "per_source": self.per_source, "ramp_t0": self.ramp_t0,
-            "last_first_open_t": self.last_first_open_t, "last_recv_t": self.last_recv_t,
-            "sends_done_t": self.sends_done_t,
-        }
-        if final:
-            d["final"] = True
-            d["hist"] = self.hist.to_json()
-        os.write(self.report_fd, json.dumps(d).encode() + b"\n")
+        r = Report(
+            k=self.k, final=final, open=self.open, connecting=self.connecting,
+            opened=self.opened, ids_opened=self.ids_opened, unstarted=self.n - self.next_new,
+            retrying=len(self.retry), gave_up=self.gave_up, failed=self.failed,
+            errnos=self.errnos, status=self.status, per_source=self.per_source,
+            ramp_t0=self.ramp_t0, last_first_open_t=self.last_first_open_t,
+            msgs=self.msgs, other_msgs=self.other_msgs, sent=self.sent, received=self.received,
+            dups=self.dups, unsendable=self.unsendable, send_done=self.send_done,
+            last_recv_t=self.last_recv_t, sends_done_t=self.sends_done_t,
+            hist=self.hist if final else None)
+        os.write(self.report_fd, json.dumps(r.to_json()).encode() + b"\n")
 
     def on_control(self) -> None:
         try:
@@ -876,7 +1057,7 @@ class Child:
                 pass
 
 
-def child_main(k: int, cfg: dict, lo: int, hi: int, ctrl_fd: int, report_fd: int) -> None:
+def child_main(k: int, cfg: Config, lo: int, hi: int, ctrl_fd: int, report_fd: int) -> None:
     """Runs in the forked child; never returns."""
     status = 0
     child = None
@@ -905,32 +1086,6 @@ def child_main(k: int, cfg: dict, lo: int, hi: int, ctrl_fd: int, report_fd: int
 # ---------------------------------------------------------------------------------------------
 # The parent: fork, aggregate, decide the phases, summarize
 # ---------------------------------------------------------------------------------------------
-
-
-def merge_reports(reports: list[dict]) -> dict:
-    """Sum the children's counters (dicts and lists by key/position); times by min/max."""
-    total: dict = {"failed": dict.fromkeys(CAUSES, 0), "errnos": {}, "status": {},
-                   "per_source": []}
-    for r in reports:
-        for key, v in r.items():
-            if key in ("failed", "errnos", "status"):
-                for name, c in v.items():
-                    total[key][name] = total[key].get(name, 0) + c
-            elif key == "per_source":
-                if len(total[key]) < len(v):
-                    total[key] += [0] * (len(v) - len(total[key]))
-                for i, c in enumerate(v):
-                    total[key][i] += c
-            elif key == "ramp_t0":
-                if v and (not total.get(key) or v < total[key]):
-                    total[key] = v
-            elif key in ("last_first_open_t", "last_recv_t", "sends_done_t"):
-                total[key] = max(total.get(key, 0.0), v)
-            elif key == "send_done":
-                total[key] = total.get(key, True) and v
-            elif isinstance(v, int) and not isinstance(v, bool):
-                total[key] = total.get(key, 0) + v
-    return total
 
 
 def likely_cause(target: int, peak_open: int, failed: dict, errnos: dict,
@@ -1021,7 +1176,7 @@ def ask_workers(addr: str, host: str, port: int) -> int:
 
 
 class Parent:
-    def __init__(self, cfg: dict, blocks: list[tuple[int, int]]):
+    def __init__(self, cfg: Config, blocks: list[tuple[int, int]]):
         self.cfg = cfg
         self.blocks = blocks
         self.stop_signal = None
@@ -1031,7 +1186,7 @@ class Parent:
         self.send_t0_s = 0.0
         self.server: dict | None = None     # the manager's /stats totals at the ramp's end
         # The box's SYN drops at full accept queues: ours to read only if the server is here.
-        self.overflows0 = listen_overflows() if cfg["loopback"] else None
+        self.overflows0 = listen_overflows() if cfg.loopback else None
         self.open_at_ramp_end = 0
         self.accepted0 = None  # the server's accepted count before we start: exact shortfall
 
@@ -1051,7 +1206,7 @@ class Parent:
             os.close(rep_w)
             os.set_blocking(rep_r, False)
             self.kids.append({"k": k, "pid": pid, "ctrl": ctrl_w, "report": rep_r,
-                              "buf": b"", "last": {}, "final": None, "eof": False})
+                              "buf": b"", "last": None, "final": None, "eof": False})
 
     def read_reports(self, timeout: float) -> None:
         fds = [kid["report"] for kid in self.kids if not kid["eof"]]
@@ -1082,9 +1237,10 @@ class Parent:
                     kid["eof"] = True
                     self.stop_signal = self.stop_signal or "child crash"
                     continue
-                kid["last"] = d
-                if d.get("final"):
-                    kid["final"] = d
+                r = Report.from_json(d)
+                kid["last"] = r
+                if r.final:
+                    kid["final"] = r
 
     def command(self, line: str) -> None:
         for kid in self.kids:
@@ -1098,7 +1254,7 @@ class Parent:
         still be accepting what this client just connected."""
         server = None
         for _ in range(SERVER_CHECKS):
-            server = fetch_server_stats(self.cfg["app_host"], self.cfg["app_port"])
+            server = fetch_server_stats(self.cfg.app_host, self.cfg.app_port)
             if server and self.accepted0 is not None and "accepted" in server:
                 server["unaccepted"] = client_opened - (server["accepted"] - self.accepted0)
             if not server_short(server, client_open) or self.stop_signal:
@@ -1106,14 +1262,14 @@ class Parent:
             time.sleep(SERVER_CHECK_GAP_S)
         return server
 
-    def progress(self, t: dict, rate: float, now: float) -> None:
+    def progress(self, t: Report, rate: float, now: float) -> None:
         cfg = self.cfg
-        fails = ", ".join(f"{c} {t['failed'][c]:,}" for c in CAUSES if t["failed"].get(c))
-        line = (f"[{now - self.t_start:5.0f}s] open {t.get('open', 0):,}/{cfg['conns']:,} "
-                f"connects {rate:,.0f}/s connecting {t.get('connecting', 0):,} | "
-                f"failed {fails or 0} | msgs {t.get('msgs', 0):,}")
-        if cfg["send"]:
-            line += f" sent {t.get('sent', 0):,} recv {t.get('received', 0):,}"
+        fails = ", ".join(f"{c} {t.failed[c]:,}" for c in CAUSES if t.failed.get(c))
+        line = (f"[{now - self.t_start:5.0f}s] open {t.open:,}/{cfg.conns:,} "
+                f"connects {rate:,.0f}/s connecting {t.connecting:,} | "
+                f"failed {fails or 0} | msgs {t.msgs:,}")
+        if cfg.send:
+            line += f" sent {t.sent:,} recv {t.received:,}"
         if self.tty:
             sys.stdout.write("\r" + line + "\x1b[K")
         else:
@@ -1124,10 +1280,10 @@ class Parent:
         """Every pass (at most 0.2 s apart): read reports, then move the run along its phases:
         ramp -> (send) -> hold -> stop. Progress is printed once a second."""
         cfg = self.cfg
-        base = fetch_server_stats(cfg["app_host"], cfg["app_port"]) or {}
+        base = fetch_server_stats(cfg.app_host, cfg.app_port) or {}
         self.accepted0 = base.get("accepted")
         self.spawn()
-        deadline = self.t_start + cfg["max_time"]
+        deadline = self.t_start + cfg.max_time
         next_tick = self.t_start + TICK_S
         peak = last_opened = 0
         grew_t = self.t_start
@@ -1143,35 +1299,35 @@ class Parent:
                 break
             if now >= deadline:
                 self.stop_signal = "max-time"
-            t = merge_reports([kid["last"] for kid in self.kids])
-            open_now = t.get("open", 0)
+            t = Report.total(kid["last"] for kid in self.kids if kid["last"])
+            open_now = t.open
             if open_now > peak:
                 peak, grew_t = open_now, now
             if now >= next_tick:
-                opened = t.get("opened", 0)  # connects completed, re-polls included
+                opened = t.opened  # connects completed, re-polls included
                 self.progress(t, (opened - last_opened) / TICK_S, now)
                 last_opened = opened
                 next_tick = max(next_tick + TICK_S, now)
             if not all(kid["last"] for kid in self.kids):
                 continue                # not every child has reported yet
             if ramp_end is None:
-                if max(open_now, t.get("ids_opened", 0)) >= cfg["conns"] - t.get("gave_up", 0):
+                if max(open_now, t.ids_opened) >= cfg.conns - t.gave_up:
                     ramp_end, ramp_reason = now, "complete"
-                elif t.get("unstarted", 1) == 0 and now - grew_t >= cfg["stall"]:
+                elif t.unstarted == 0 and now - grew_t >= cfg.stall:
                     ramp_end, ramp_reason = now, "stalled"
                 if ramp_end is not None:
                     # What the server holds now, against what this client holds now: the
                     # difference sits in the server's accept queue. Taken here, not at the
                     # end, when the children may be closing.
-                    self.server = self.check_server(open_now, t.get("opened", 0))
+                    self.server = self.check_server(open_now, t.opened)
                     self.open_at_ramp_end = open_now
-            if ramp_end is not None and cfg["send"] and not send_started:
+            if ramp_end is not None and cfg.send and not send_started:
                 send_started = True
                 t0_ns = time.monotonic_ns() + 50_000_000    # the same t0 for every child
                 self.send_t0_s = t0_ns / 1e9
                 self.command(f"send {t0_ns}")
-            sends_over = not cfg["send"] or (send_started and t.get("send_done"))
-            if ramp_end is not None and now >= ramp_end + cfg["hold"] and sends_over:
+            sends_over = not cfg.send or (send_started and t.send_done)
+            if ramp_end is not None and now >= ramp_end + cfg.hold and sends_over:
                 self.stop_signal = "done"
         if self.tty:
             sys.stdout.write("\n")
@@ -1192,38 +1348,35 @@ class Parent:
                 except ProcessLookupError:
                     pass
         elapsed = time.monotonic() - self.t_start
-        finals = [kid["final"] or kid["last"] for kid in self.kids]
         missing = [kid["k"] for kid in self.kids if not kid["final"]]
-        t = merge_reports(finals)
-        hist = Histogram()
-        for r in finals:
-            if "hist" in r:
-                hist.merge(Histogram.from_json(r["hist"]))
-        peak = max(peak, t.get("open", 0))
-        first, last = t.get("ramp_t0", 0.0), t.get("last_first_open_t", 0.0)
-        ids_opened = t.get("ids_opened", 0)
+        t = Report.total(kid["final"] or kid["last"] for kid in self.kids
+                         if kid["final"] or kid["last"])
+        hist = t.hist or Histogram()
+        peak = max(peak, t.open)
+        first, last = t.ramp_t0, t.last_first_open_t
+        ids_opened = t.ids_opened
         ramp_s = last - first if ids_opened > 1 and last > first else 0.0
         server = self.server
-        sent, received = t.get("sent", 0), t.get("received", 0)
-        span = t.get("last_recv_t", 0.0) - self.send_t0_s
+        sent, received = t.sent, t.received
+        span = t.last_recv_t - self.send_t0_s
         ms = lambda us: round(us / 1000, 3)
         summary = {
-            "target": cfg["conns"], "workers": cfg["workers"], "host": cfg["host"],
-            "base_port": cfg["base_port"], "procs": cfg["procs"],
-            "source_ips": cfg["sources"],
-            "per_source": dict(zip(cfg["sources"], t["per_source"], strict=False)),
-            "opened": t.get("opened", 0), "ids_opened": ids_opened, "peak_open": peak,
-            "open_at_end": t.get("open", 0), "connecting_at_end": t.get("connecting", 0),
-            "gave_up": t.get("gave_up", 0),
-            "failed": {c: t["failed"].get(c, 0) for c in CAUSES},  # every cause, 0 too
-            "failed_total": sum(t["failed"].values()), "errnos": t["errnos"],
-            "status": {str(s): n for s, n in sorted(t["status"].items(), key=lambda x: x[0])},
+            "target": cfg.conns, "workers": cfg.workers, "host": cfg.host,
+            "base_port": cfg.base_port, "procs": cfg.procs,
+            "source_ips": list(cfg.sources),
+            "per_source": dict(zip(cfg.sources, t.per_source, strict=False)),
+            "opened": t.opened, "ids_opened": ids_opened, "peak_open": peak,
+            "open_at_end": t.open, "connecting_at_end": t.connecting,
+            "gave_up": t.gave_up,
+            "failed": {c: t.failed.get(c, 0) for c in CAUSES},  # every cause, 0 too
+            "failed_total": sum(t.failed.values()), "errnos": t.errnos,
+            "status": dict(sorted(t.status.items())),
             "connect_rate": round(ids_opened / ramp_s, 1) if ramp_s else None,
             "ramp_s": round(ramp_s, 3), "ramp_end": ramp_reason,
-            "messages": t.get("msgs", 0), "other_messages": t.get("other_msgs", 0),
+            "messages": t.msgs, "other_messages": t.other_msgs,
             "sent": sent, "received": received, "lost": max(0, sent - received),
-            "duplicates": t.get("dups", 0), "unsendable": t.get("unsendable", 0),
-            "send_rate": cfg["send_rate"] if cfg["send"] else None,
+            "duplicates": t.dups, "unsendable": t.unsendable,
+            "send_rate": cfg.send_rate if cfg.send else None,
             "latency_ms": {"p50": ms(hist.percentile(0.5)), "p99": ms(hist.percentile(0.99)),
                            "p999": ms(hist.percentile(0.999)), "max": ms(hist.max),
                            "mean": ms(hist.total / hist.count) if hist.count else 0.0,
@@ -1237,8 +1390,8 @@ class Parent:
         if self.overflows0 is not None:
             overflows = (listen_overflows() or 0) - self.overflows0
         summary["listen_overflows"] = overflows
-        summary["cause"] = likely_cause(cfg["conns"], max(peak, ids_opened), t["failed"],
-                                        t["errnos"], server, self.open_at_ramp_end, overflows)
+        summary["cause"] = likely_cause(cfg.conns, max(peak, ids_opened), t.failed,
+                                        t.errnos, server, self.open_at_ramp_end, overflows)
         notes = []
         if overflows:
             notes.append(f"the kernel dropped {overflows:,} SYNs at a full accept queue during "
@@ -1394,14 +1547,12 @@ def main(argv: list[str] | None = None) -> int:
         if warning:
             print(warning, file=sys.stderr)
     hold = args.hold if args.hold is not None else (0.0 if args.send else DEFAULT_HOLD_S)
-    cfg = {"prefix": args.prefix, "host": args.host, "addr": addr, "loopback": loopback,
-           "conns": args.conns,
-           "workers": workers, "base_port": args.base_port, "procs": procs,
-           "sources": sources, "rate": args.rate, "hold": hold, "max_time": args.max_time,
-           "connect_timeout": args.connect_timeout, "stall": args.stall,
-           "send": args.send,
-           "send_rate": args.send_rate, "grace": args.grace, "app_host": args.app_host,
-           "app_port": args.app_port}
+    cfg = Config(prefix=args.prefix, host=args.host, addr=addr, loopback=loopback,
+                 conns=args.conns, workers=workers, base_port=args.base_port, procs=procs,
+                 sources=tuple(sources), rate=args.rate, hold=hold, max_time=args.max_time,
+                 connect_timeout=args.connect_timeout, stall=args.stall, send=args.send,
+                 send_rate=args.send_rate, grace=args.grace, app_host=args.app_host,
+                 app_port=args.app_port)
     parent = Parent(cfg, split_range(args.conns, procs))
 
     def on_signal(signum, frame):

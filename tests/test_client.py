@@ -10,13 +10,14 @@ import time
 
 import pytest
 from conftest import ROOT, free_port_block
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import client
 import server
 from client import (
     Histogram,
+    Report,
     likely_cause,
     location_port,
     message_fields,
@@ -149,6 +150,77 @@ def test_histogram_merge_equals_recording_everything(a, b):
     assert ha.counts == hall.counts and ha.count == hall.count and ha.max == hall.max
     for q in (0.5, 0.99, 0.999):
         assert ha.percentile(q) == hall.percentile(q)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports: a child's counters, added up by the parent
+# ---------------------------------------------------------------------------------------------
+
+
+def hist_of(*values):
+    h = Histogram()
+    for v in values:
+        h.record(v)
+    return h
+
+
+def test_report_merge_adds_each_field_by_its_rule():
+    a = Report(k=3, final=True, open=2, opened=10, failed={"refused": 1},
+               errnos={"ECONNREFUSED": 1}, status={"200": 4}, per_source=[1, 2],
+               ramp_t0=5.0, last_first_open_t=9.0, send_done=True, hist=hist_of(5))
+    b = Report(k=4, final=True, open=5, opened=1, failed={"refused": 2, "timeout": 1},
+               status={"204": 1}, per_source=[3], ramp_t0=4.0, last_first_open_t=7.0,
+               send_done=False, hist=hist_of(7000, 9))
+    t = Report.total([a, b])
+    assert t.k is None                      # the child index is not a counter
+    assert t.open == 7 and t.opened == 11
+    assert t.failed == {"refused": 3, "timeout": 1} and t.errnos == {"ECONNREFUSED": 1}
+    assert t.status == {"200": 4, "204": 1} and t.per_source == [4, 2]
+    assert t.ramp_t0 == 4.0 and t.last_first_open_t == 9.0
+    assert t.final is True and t.send_done is False
+    assert t.hist.count == 3 and t.hist.max == 7000 and t.hist.min == 5
+    # The inputs are left as they were.
+    assert a.failed == {"refused": 1} and a.hist.count == 1 and b.hist.count == 2
+    # 0.0 is "not yet", not the earliest moment; a lone child's total is not that child.
+    assert Report(ramp_t0=0.0).merge(Report(ramp_t0=4.0)).ramp_t0 == 4.0
+    assert Report.total([a]).k is None and Report.total([]).open == 0
+
+
+def test_report_json_round_trip():
+    a = Report(k=1, final=True, open=3, failed={"reset": 2}, status={"307": 1},
+               per_source=[0, 3], ramp_t0=1.5, hist=hist_of(1, 2, 3000))
+    b = Report.from_json(json.loads(json.dumps(a.to_json())))
+    assert b.to_json() == a.to_json() and b.hist.percentile(0.5) == a.hist.percentile(0.5)
+    assert Report.from_json(Report(k=0).to_json()).hist is None
+
+
+@pytest.mark.parametrize("bad", [
+    [], "report", None, {"open": -1}, {"open": "3"}, {"open": True}, {"nope": 1},
+    {"failed": {"x": "y"}}, {"failed": []}, {"per_source": [1, -2]}, {"final": 1},
+    {"ramp_t0": "soon"}, {"ramp_t0": float("nan")}, {"k": 1.5},
+    {"hist": {"buckets": [[99999, 1]], "count": 1, "total": 1, "max": 1, "min": 1}},
+    {"hist": {"buckets": [[-1, 1]], "count": 1, "total": 1, "max": 1, "min": 1}},
+    {"hist": {"buckets": [[3, 1]], "count": 2, "total": 1, "max": 1, "min": 1}},
+    {"hist": {"buckets": []}}, {"hist": [1, 2]},
+])
+def test_report_from_json_refuses_what_a_child_did_not_write(bad):
+    with pytest.raises(ValueError):
+        Report.from_json(bad)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.dictionaries(st.sampled_from([f.name for f in client.fields(Report)]), JSON,
+                       max_size=4))
+def test_report_from_json_raises_only_valueerror(d):
+    try:
+        Report.from_json(d)
+    except ValueError:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
