@@ -115,6 +115,10 @@ STALL_S = 5.0               # the ramp is over when the open count has not grown
 SERVER_CHECKS = 4           # at the ramp's end, ask the manager's /stats up to this often,
 SERVER_CHECK_GAP_S = 0.5    # this far apart, while it holds fewer connections than we opened
 STOP_WAIT_S = 1.5           # the parent waits this long for the children's last reports
+REPORT_WRITE_S = 5.0        # a child gives up (and exits 1) when its pipe stays full this long
+REPORT_MAX = 16 << 20       # a report line longer than this was not written by a child
+                            # (the largest real one: 65,536 source addresses, ~0.5 MB)
+REAP_WAIT_S = 0.5           # how long the parent waits to learn how a failed child ended
 SEND_BATCH = 5000           # frames queued per loop turn, so receiving is never starved
 APP_BUFFER_MAX = 1 << 20    # stop queueing frames while this much waits for the app socket
 DEFAULT_HOLD_S = 60.0       # hold the connections this long after the ramp (0 with --send)
@@ -528,6 +532,26 @@ def _fits(how: str, v) -> bool:
     if how == ALL:
         return type(v) is bool
     return v is None or _count(v)   # CHILD
+
+
+def write_all(fd: int, data: bytes, timeout: float = REPORT_WRITE_S) -> None:
+    """Write all of `data` to a pipe, however long. Only a write of up to PIPE_BUF (4096) bytes
+    is all-or-nothing; a longer one can be taken in part: the rest of a full pipe (EAGAIN next,
+    on a non-blocking fd) or the bytes before a signal arrived. The rest follows as the reader
+    makes room. TimeoutError if it makes none for `timeout` s; BrokenPipeError if it is gone."""
+    view = memoryview(data)
+    poller = None
+    while view:
+        try:
+            view = view[os.write(fd, view):]    # EINTR with nothing written: retried (PEP 475)
+            continue
+        except BlockingIOError:
+            pass
+        if poller is None:
+            poller = select.poll()          # not select(): fds here may be over 1024
+            poller.register(fd, select.POLLOUT)
+        if not poller.poll(timeout * 1000):
+            raise TimeoutError(f"report pipe full for {timeout:g} s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -989,7 +1013,7 @@ class Child:
             dups=self.dups, unsendable=self.unsendable, send_done=self.send_done,
             last_recv_t=self.last_recv_t, sends_done_t=self.sends_done_t,
             hist=self.hist if final else None)
-        os.write(self.report_fd, json.dumps(r.to_json()).encode() + b"\n")
+        write_all(self.report_fd, json.dumps(r.to_json()).encode() + b"\n")
 
     def on_control(self) -> None:
         try:
@@ -1069,14 +1093,15 @@ def child_main(k: int, cfg: Config, lo: int, hi: int, ctrl_fd: int, report_fd: i
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         os.set_blocking(ctrl_fd, False)
+        os.set_blocking(report_fd, False)   # a full pipe must not stop the loop for good
         child.run()
     except BrokenPipeError:
         status = 1          # the parent is gone: nobody to report to
     except BaseException:
         status = 1
-        try:
-            os.write(report_fd, json.dumps({"k": k, "error": traceback.format_exc()}).encode()
-                     + b"\n")
+        try:    # on a line of its own, even after a report cut short
+            write_all(report_fd, b"\n" + json.dumps({"crash": traceback.format_exc()}).encode()
+                      + b"\n", timeout=1.0)
         except OSError:
             pass
     finally:
@@ -1086,6 +1111,111 @@ def child_main(k: int, cfg: Config, lo: int, hi: int, ctrl_fd: int, report_fd: i
 # ---------------------------------------------------------------------------------------------
 # The parent: fork, aggregate, decide the phases, summarize
 # ---------------------------------------------------------------------------------------------
+
+
+class ChildProc:
+    """The parent's view of one child: its pid, its two pipes, and its reports so far.
+
+    The report stream is trusted only as far as it parses. A child that writes something that
+    is not a report, dies in the middle of one, or ends without its final one, is marked
+    failed with a line that says which and how; nothing it sends after that is read."""
+
+    def __init__(self, k: int, pid: int, ctrl: int, report: int):
+        self.k, self.pid = k, pid
+        self.ctrl, self.report = ctrl, report   # write end of its commands, read end of reports
+        self.buf = b""                          # the start of a report line
+        self.last: Report | None = None
+        self.final: Report | None = None
+        self.eof = False
+        self.failure: str | None = None         # "client process 1 died in the middle of ..."
+        self.exit_status: int | None = None     # os.waitpid's, once reaped
+
+    def read(self) -> None:
+        """Drain the report pipe (non-blocking)."""
+        while not self.eof:
+            try:
+                data = os.read(self.report, 1 << 16)
+            except BlockingIOError:
+                return
+            self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the report pipe; b"" is its end."""
+        if not data:
+            self.eof = True
+            if self.buf:
+                self.fail(f"died in the middle of a report ({len(self.buf):,} bytes of it)")
+            elif self.final is None:
+                self.fail("ended before its final report")
+            return
+        if self.failure:
+            return
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:
+            if line:
+                self.take(line)
+            if self.failure:
+                return
+        if len(self.buf) > REPORT_MAX:
+            self.fail(f"wrote a report line over {REPORT_MAX:,} bytes")
+
+    def take(self, line: bytes) -> None:
+        try:
+            d = json.loads(line)
+        except (ValueError, RecursionError) as e:   # UnicodeDecodeError is a ValueError
+            self.fail(f"wrote an unreadable report ({str(e)[:80]})")
+            return
+        if isinstance(d, dict) and isinstance(d.get("crash"), str):
+            print(f"client process {self.k} crashed:\n{d['crash']}", file=sys.stderr)
+            lines = d["crash"].strip().splitlines() or ["?"]
+            self.fail(f"crashed: {lines[-1][:200]}")
+            return
+        try:
+            r = Report.from_json(d)
+            if r.k != self.k:
+                raise ValueError(f"it says it is child {r.k}")
+        except ValueError as e:
+            self.fail(f"wrote an unreadable report ({str(e)[:80]})")
+            return
+        self.last = r
+        if r.final:
+            self.final = r
+
+    def fail(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = f"client process {self.k} {why}"
+            self.buf = b""
+
+    def reap(self, wait: float = 0.0) -> int | None:
+        """Its exit status once it is gone (waiting up to `wait` s), else None."""
+        until = time.monotonic() + wait
+        while self.exit_status is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if pid:
+                self.exit_status = status
+            elif time.monotonic() >= until:
+                return None
+            else:
+                time.sleep(0.01)
+        return self.exit_status
+
+
+def describe_exit(status: int | None) -> str:
+    """An os.waitpid() status as words: "exit status 1", "killed by SIGKILL"."""
+    if status is None:
+        return "still running"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by {name}"
+    return f"exit status {os.WEXITSTATUS(status)}"
 
 
 def likely_cause(target: int, peak_open: int, failed: dict, errnos: dict,
@@ -1179,8 +1309,8 @@ class Parent:
     def __init__(self, cfg: Config, blocks: list[tuple[int, int]]):
         self.cfg = cfg
         self.blocks = blocks
-        self.stop_signal = None
-        self.kids: list[dict] = []      # pid, ctrl (write fd), report (read fd), buf, last
+        self.stop_reason: str | None = None     # "done", "max-time", "SIGINT", ...
+        self.kids: list[ChildProc] = []
         self.tty = sys.stdout.isatty()
         self.t_start = time.monotonic()
         self.send_t0_s = 0.0
@@ -1197,55 +1327,40 @@ class Parent:
             pid = os.fork()
             if pid == 0:
                 for kid in self.kids:   # other children's pipes: keep EOF meaningful
-                    os.close(kid["ctrl"])
-                    os.close(kid["report"])
+                    os.close(kid.ctrl)
+                    os.close(kid.report)
                 os.close(ctrl_w)
                 os.close(rep_r)
                 child_main(k, self.cfg, lo, hi, ctrl_r, rep_w)
             os.close(ctrl_r)
             os.close(rep_w)
             os.set_blocking(rep_r, False)
-            self.kids.append({"k": k, "pid": pid, "ctrl": ctrl_w, "report": rep_r,
-                              "buf": b"", "last": None, "final": None, "eof": False})
+            self.kids.append(ChildProc(k, pid, ctrl_w, rep_r))
 
     def read_reports(self, timeout: float) -> None:
-        fds = [kid["report"] for kid in self.kids if not kid["eof"]]
-        if not fds:
+        """Whatever the children have written, waiting up to `timeout` s for some. A child
+        that fails (ChildProc.failure) ends the run: its ids are no longer held or counted."""
+        kids = {kid.report: kid for kid in self.kids if not kid.eof}
+        if not kids:
             time.sleep(timeout)
             return
+        poller = select.poll()
+        for fd in kids:
+            poller.register(fd, select.POLLIN)
         try:
-            readable, _, _ = select.select(fds, [], [], timeout)
+            ready = poller.poll(timeout * 1000)
         except InterruptedError:
             return
-        for kid in self.kids:
-            if kid["report"] not in readable:
-                continue
-            while True:
-                try:
-                    data = os.read(kid["report"], 1 << 16)
-                except BlockingIOError:
-                    break
-                if not data:
-                    kid["eof"] = True
-                    break
-                kid["buf"] += data
-            *lines, kid["buf"] = kid["buf"].split(b"\n")
-            for line in lines:
-                d = json.loads(line)
-                if "error" in d:
-                    print(f"client process {kid['k']} crashed:\n{d['error']}", file=sys.stderr)
-                    kid["eof"] = True
-                    self.stop_signal = self.stop_signal or "child crash"
-                    continue
-                r = Report.from_json(d)
-                kid["last"] = r
-                if r.final:
-                    kid["final"] = r
+        for fd, _ in ready:
+            kid = kids[fd]
+            kid.read()
+            if kid.failure and self.stop_reason is None:
+                self.stop_reason = "a client process failed"
 
     def command(self, line: str) -> None:
         for kid in self.kids:
             try:
-                os.write(kid["ctrl"], line.encode() + b"\n")
+                os.write(kid.ctrl, line.encode() + b"\n")
             except OSError:
                 pass
 
@@ -1257,7 +1372,7 @@ class Parent:
             server = fetch_server_stats(self.cfg.app_host, self.cfg.app_port)
             if server and self.accepted0 is not None and "accepted" in server:
                 server["unaccepted"] = client_opened - (server["accepted"] - self.accepted0)
-            if not server_short(server, client_open) or self.stop_signal:
+            if not server_short(server, client_open) or self.stop_reason:
                 break
             time.sleep(SERVER_CHECK_GAP_S)
         return server
@@ -1290,16 +1405,16 @@ class Parent:
         ramp_end = None
         ramp_reason = None
         send_started = False
-        while self.stop_signal is None:
+        while self.stop_reason is None:
             now = time.monotonic()
             self.read_reports(max(0.0, min(next_tick - now, 0.2)))
             now = time.monotonic()
-            if all(kid["eof"] for kid in self.kids):
-                self.stop_signal = self.stop_signal or "children exited"
+            if all(kid.eof for kid in self.kids):
+                self.stop_reason = self.stop_reason or "children exited"
                 break
             if now >= deadline:
-                self.stop_signal = "max-time"
-            t = Report.total(kid["last"] for kid in self.kids if kid["last"])
+                self.stop_reason = "max-time"
+            t = Report.total(kid.last for kid in self.kids if kid.last)
             open_now = t.open
             if open_now > peak:
                 peak, grew_t = open_now, now
@@ -1308,7 +1423,7 @@ class Parent:
                 self.progress(t, (opened - last_opened) / TICK_S, now)
                 last_opened = opened
                 next_tick = max(next_tick + TICK_S, now)
-            if not all(kid["last"] for kid in self.kids):
+            if not all(kid.last for kid in self.kids):
                 continue                # not every child has reported yet
             if ramp_end is None:
                 if max(open_now, t.ids_opened) >= cfg.conns - t.gave_up:
@@ -1328,7 +1443,7 @@ class Parent:
                 self.command(f"send {t0_ns}")
             sends_over = not cfg.send or (send_started and t.send_done)
             if ramp_end is not None and now >= ramp_end + cfg.hold and sends_over:
-                self.stop_signal = "done"
+                self.stop_reason = "done"
         if self.tty:
             sys.stdout.write("\n")
         return self.finish(ramp_end, ramp_reason, peak)
@@ -1339,18 +1454,25 @@ class Parent:
         cfg = self.cfg
         self.command("stop")
         until = time.monotonic() + STOP_WAIT_S
-        while time.monotonic() < until and not all(k["final"] or k["eof"] for k in self.kids):
+        while time.monotonic() < until and not all(k.final or k.eof for k in self.kids):
             self.read_reports(0.05)
+        until = time.monotonic() + REAP_WAIT_S
         for kid in self.kids:
-            if not kid["final"]:
-                try:
-                    os.kill(kid["pid"], signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            if kid.final and not kid.failure:
+                continue
+            if kid.eof:     # it ended by itself: say how, if it is gone soon enough
+                status = kid.reap(max(0.0, until - time.monotonic()))
+                if status is not None:
+                    kid.failure += f" ({describe_exit(status)})"
+                continue
+            kid.fail(f"sent no final report within {STOP_WAIT_S:g} s (killed)")
+            try:
+                os.kill(kid.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         elapsed = time.monotonic() - self.t_start
-        missing = [kid["k"] for kid in self.kids if not kid["final"]]
-        t = Report.total(kid["final"] or kid["last"] for kid in self.kids
-                         if kid["final"] or kid["last"])
+        missing = [kid.k for kid in self.kids if not kid.final]
+        t = Report.total(kid.final or kid.last for kid in self.kids if kid.final or kid.last)
         hist = t.hist or Histogram()
         peak = max(peak, t.open)
         first, last = t.ramp_t0, t.last_first_open_t
@@ -1382,8 +1504,9 @@ class Parent:
                            "mean": ms(hist.total / hist.count) if hist.count else 0.0,
                            "count": hist.count},
             "clock": "CLOCK_MONOTONIC (time.monotonic_ns), intended send time",
-            "elapsed_s": round(elapsed, 3), "stopped_by": self.stop_signal,
+            "elapsed_s": round(elapsed, 3), "stopped_by": self.stop_reason,
             "missing_reports": missing, "server": server,
+            "failed_processes": [kid.failure for kid in self.kids if kid.failure],
         }
         summary["msgs_per_s"] = round(received / span, 1) if received and span > 0 else None
         overflows = None
@@ -1408,12 +1531,13 @@ class Parent:
         """Wait for every child to be gone. After the summary is out: a child's exit closes its
         sockets in the kernel, ~10-25 us each on a busy 2-core box (4.6 s for 200k)."""
         for kid in self.kids:
-            try:
-                os.waitpid(kid["pid"], 0)
-            except ChildProcessError:
-                pass
-            os.close(kid["ctrl"])
-            os.close(kid["report"])
+            if kid.exit_status is None:
+                try:
+                    os.waitpid(kid.pid, 0)
+                except ChildProcessError:
+                    pass
+            os.close(kid.ctrl)
+            os.close(kid.report)
 
 
 def print_summary(s: dict, out=sys.stdout) -> None:
@@ -1447,6 +1571,8 @@ def print_summary(s: dict, out=sys.stdout) -> None:
           f"{sv.get('waiting', 0):,} (its /stats at the ramp's end)")
     for note in s["notes"]:
         w(f"  note      {note}")
+    for failure in s["failed_processes"]:
+        w(f"  failed    {failure}")
     if s["cause"]:
         w(f"  cause     {s['cause']}")
     w(f"  elapsed   {s['elapsed_s']:.1f} s, stopped by {s['stopped_by']}")
@@ -1556,7 +1682,7 @@ def main(argv: list[str] | None = None) -> int:
     parent = Parent(cfg, split_range(args.conns, procs))
 
     def on_signal(signum, frame):
-        parent.stop_signal = signal.Signals(signum).name
+        parent.stop_reason = signal.Signals(signum).name
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     summary = parent.run()

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import client
 import server
 from client import (
+    ChildProc,
     Histogram,
     Report,
     likely_cause,
@@ -221,6 +222,107 @@ def test_report_from_json_raises_only_valueerror(d):
         Report.from_json(d)
     except ValueError:
         pass
+
+
+def small_config(**kw) -> client.Config:
+    base = dict(prefix="t", host="127.0.0.1", addr="127.0.0.1", loopback=True, conns=10,
+                workers=1, base_port=1, procs=1, sources=(), rate=0.0, hold=0.0, max_time=10.0,
+                connect_timeout=1.0, stall=1.0, send=0, send_rate=0.0, grace=0.0,
+                app_host="127.0.0.1", app_port=1)
+    return client.Config(**{**base, **kw})
+
+
+def test_a_100_kb_final_report_goes_whole_through_a_full_pipe_and_signals():
+    """Over PIPE_BUF a write may be taken in part (a full pipe, a signal): the rest must follow,
+    and the parent must read it as one report. The reader here is slow, and the writer is
+    signalled all the while, as a child is by a second Ctrl-C."""
+    r, w = os.pipe()
+    errnos = {f"E{i:05d}": i for i in range(7000)}
+    old = signal.signal(signal.SIGUSR1, lambda *a: None)   # like the child's own handlers
+    pid = os.fork()     # (set before the fork: the first signal may come at once)
+    if pid == 0:
+        try:
+            os.close(r)
+            child = client.Child(0, small_config(), 0, 10, -1, w)
+            os.set_blocking(w, False)                           # as child_main leaves it
+            child.errnos = errnos
+            child.hist.record(1234)
+            child.report(final=True)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    signal.signal(signal.SIGUSR1, old)
+    os.close(w)
+    os.set_blocking(r, False)
+    kid = ChildProc(0, pid, -1, r)
+    deadline = time.monotonic() + 20
+    try:
+        while not kid.eof and time.monotonic() < deadline:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+            time.sleep(0.002)
+            try:
+                data = os.read(r, 4096)     # one page at a time: the pipe stays full
+            except BlockingIOError:
+                continue
+            kid.feed(data)
+    finally:
+        os.close(r)
+        status = kid.reap(10)
+    assert status == 0 and kid.failure is None
+    assert len(json.dumps(kid.final.to_json())) > 100_000
+    assert kid.final.errnos == errnos and kid.final.hist.count == 1
+
+
+def test_a_child_killed_in_the_middle_of_its_report_is_a_failed_child():
+    r, w = os.pipe()
+    line = json.dumps(Report(k=0, final=True, open=3, hist=hist_of(5)).to_json()).encode()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, line[:len(line) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.close(w)
+    kid = ChildProc(0, pid, -1, r)
+    try:
+        kid.read()          # a blocking fd: reads to the end
+    finally:
+        os.close(r)
+    assert kid.eof and kid.final is None and kid.last is None
+    assert kid.failure.startswith("client process 0 died in the middle of a report")
+    assert client.describe_exit(kid.reap(5)) == "killed by SIGKILL"
+
+
+@pytest.mark.parametrize("line, words", [
+    (b"\x16\x03\x01 not json", "unreadable report"),
+    (b"\xff\xfe{}", "unreadable report"),
+    (b"[1, 2]", "unreadable report"),
+    (b"[" * 100_000, "unreadable report"),
+    (b'{"k": 2, "open": -3}', "unreadable report"),
+    (b'{"k": 5, "open": 3}', "it says it is child 5"),
+    (b'{"crash": "Traceback ...\\nZeroDivisionError: division by zero\\n"}',
+     "crashed: ZeroDivisionError: division by zero"),
+])
+def test_a_child_that_writes_something_else_is_a_failed_child(line, words, capsys):
+    kid = ChildProc(2, 0, -1, -1)
+    kid.feed(b'{"k": 2, "open": 1}\n{"k": 2, "op')     # a report split over two reads
+    kid.feed(b'en": 4}\n')
+    assert kid.last.open == 4 and kid.failure is None
+    kid.feed(line + b"\n" + json.dumps(Report(k=2, final=True).to_json()).encode() + b"\n")
+    assert kid.failure.startswith("client process 2 ") and words in kid.failure
+    assert kid.final is None        # nothing after the bad line is believed
+    kid.feed(b"")
+    assert kid.eof and words in kid.failure
+
+
+def test_a_report_line_without_end_is_cut_off(monkeypatch):
+    monkeypatch.setattr(client, "REPORT_MAX", 1000)
+    kid = ChildProc(0, 0, -1, -1)
+    kid.feed(b"x" * 600)
+    assert kid.failure is None
+    kid.feed(b"x" * 600)
+    assert "over 1,000 bytes" in kid.failure and kid.buf == b""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,6 +631,34 @@ def test_server_open_file_limit_is_named(tmp_path, manager_factory):
     assert s["server"] is not None and s["server"]["connections"] < 1000
     assert "open-file limit" in s["cause"] and "server" in s["cause"]
     assert "cause     server" in output
+
+
+def test_a_child_killed_mid_run_is_named_and_ends_the_run(manager_factory, tmp_path):
+    m = manager_factory()
+    out = tmp_path / "s.json"
+    cmd = [*CLIENT, "k", "127.0.0.1", "--conns", "400", "--procs", "2", "--hold", "30",
+           "--base-port", str(m.base_port), "--app-port", str(m.app_port), "--json", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        assert wait_for(lambda: m.stats()["totals"]["waiting"] == 400, 15)
+        kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True,
+                              timeout=5).stdout.split()
+        assert len(kids) == 2
+        t0 = time.monotonic()
+        os.kill(int(kids[1]), signal.SIGKILL)
+        stdout, stderr = p.communicate(timeout=10)
+        assert time.monotonic() - t0 < 5.0      # not the 30 s hold
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert "Traceback" not in stdout + stderr
+    s = json.loads(out.read_text())
+    assert s["stopped_by"] == "a client process failed"
+    [failure] = s["failed_processes"]
+    assert failure.startswith("client process ") and "killed by SIGKILL" in failure, failure
+    assert f"failed    {failure}" in stdout
 
 
 def test_ctrl_c_stops_every_process_fast(manager_factory):
