@@ -49,15 +49,19 @@ server out of file descriptors does not refuse: the kernel completes the handsha
 connection waits in its accept queue, open as far as a client can tell. So at the ramp's end the
 parent also asks the manager's GET /stats (the app port) how many connections the server holds.
 
---send M. When the ramp ends each child also acts as the app: it sends its share of M messages
-(seq k, k+K, ...) as binary frames over its own connection to the manager's app port, to its own
-open ids, round robin. Message `seq` is *meant* to go at t0 + seq / --send-rate and carries that
-time: b"t=<CLOCK_MONOTONIC ns>;seq=<n>". CLOCK_MONOTONIC is one clock for every process on a
-Linux box, so the child that reads the 200 computes the latency against the intended send time.
-A sender that falls behind makes latencies worse, never fewer (no coordinated omission: wrk's
-known flaw). A delivered message closes that poll and the id re-polls; a message sent while the
-id is between polls waits in the server's queue, so nothing should be lost. Lost = sent and not
-received --grace seconds after the last send.
+--send M. When the ramp ends each child also acts as the app (its Sender, after the Child in
+this file): it sends its share of M messages (seq k, k+K, ...) as binary frames over its own
+connection to the manager's app port, to its own open ids, round robin. Message `seq` is *meant*
+to go at t0 + seq / --send-rate and carries that time: b"t=<CLOCK_MONOTONIC ns>;seq=<n>".
+CLOCK_MONOTONIC is one clock for every process on a Linux box, so the child that reads the 200
+computes the latency against the intended send time. A sender that falls behind makes latencies
+worse, never fewer (no coordinated omission: wrk's known flaw). A delivered message closes that
+poll and the id re-polls; a message sent while the id is between polls waits in the server's
+queue, so nothing should be lost. Each of the M ends as one of: received; lost (sent, and not
+received --grace seconds after the last send); or unsendable, with its cause: the app port
+refused or timed out the connection, or closed or reset it (the manager closes a binary-frame
+connection when it refuses a frame). The Sender then connects again with backoff and goes on
+with the schedule; messages due while it has no connection are unsendable, not sent late.
 
 Bounds. Every loop ends by itself: the run stops --hold seconds after the ramp ends (default
 60 s; 0 with --send, whose phase ends when all is received or --grace after the last send), or at
@@ -121,6 +125,9 @@ REPORT_MAX = 16 << 20       # a report line longer than this was not written by 
 REAP_WAIT_S = 0.5           # how long the parent waits to learn how a failed child ended
 SEND_BATCH = 5000           # frames queued per loop turn, so receiving is never starved
 APP_BUFFER_MAX = 1 << 20    # stop queueing frames while this much waits for the app socket
+APP_RETRY_BASE_S = 0.1      # the app connection failed or was closed: open it again after
+APP_RETRY_MAX_S = 2.0       # 0.1, 0.2, 0.4 ... s, at most this long,
+APP_STABLE_S = 1.0          # and from 0.1 s again after a connection that lasted this long
 DEFAULT_HOLD_S = 60.0       # hold the connections this long after the ramp (0 with --send)
 DEFAULT_MAX_TIME_S = 3600.0     # hard cap on a run, whatever else happens
 DEFAULT_GRACE_S = 5.0       # after the last send, wait this long for deliveries before "lost"
@@ -443,7 +450,7 @@ class Report:
     sent: int = _merged(SUM)
     received: int = _merged(SUM)
     dups: int = _merged(SUM)
-    unsendable: int = _merged(SUM)
+    unsendable: dict[str, int] = _merged(BY_KEY)     # by cause
     send_done: bool = _merged(ALL)
     last_recv_t: float = _merged(LATEST)
     sends_done_t: float = _merged(LATEST)
@@ -674,7 +681,7 @@ class Child:
         self.ramp_t0 = time.monotonic()
 
         # Counters: this child's alone, summed by the parent.
-        self.open = self.connecting = self.peak_open = 0
+        self.open = self.connecting = 0
         self.opened = self.ids_opened = self.gave_up = 0
         self.last_first_open_t = 0.0        # when the last id opened for the first time
         self.failed = dict.fromkeys(CAUSES, 0)
@@ -683,21 +690,8 @@ class Child:
         self.per_source = [0] * max(1, len(self.sources))
         self.msgs = self.other_msgs = 0
 
-        # --send
-        self.send_total = cfg.send
-        self.send_interval_ns = int(1e9 / cfg.send_rate) if cfg.send_rate else 0
-        self.sending = False
-        self.send_t0 = 0
-        self.next_seq = k
-        self.targets: list[int] = []
-        self.app: socket.socket | None = None
-        self.app_out = bytearray()
-        self.sent = self.received = self.dups = self.unsendable = 0
-        self.seen = bytearray(len(range(k, self.send_total, cfg.procs)))  # by seq // procs
-        self.sends_done_t = 0.0
-        self.send_done = self.send_total == 0
-        self.last_recv_t = 0.0
-        self.hist = Histogram()
+        # --send: the app side, this child's share of the messages
+        self.sender = Sender(k, cfg, self.ep) if cfg.send else None
 
     # -- connect -------------------------------------------------------------------------------
 
@@ -778,8 +772,6 @@ class Child:
         self.connecting -= 1
         self.open += 1
         self.opened += 1
-        if self.open > self.peak_open:
-            self.peak_open = self.open
         if not self.ever_open[conn.j]:
             self.ever_open[conn.j] = 1
             self.ids_opened += 1
@@ -853,7 +845,7 @@ class Child:
         if status in (200, 204):
             self.tries[j] = 0
             if status == 200:
-                self.on_message(body)
+                self.on_message(body, now)
             self.ready.append((j, port, 0))
         elif status == 307 and conn.redirects < MAX_REDIRECTS and location_port(location):
             new_port = location_port(location)
@@ -866,27 +858,10 @@ class Child:
             self.failed["http"] += 1
             self.gave_up += 1
 
-    def on_message(self, body: bytes) -> None:
+    def on_message(self, body: bytes, now: float) -> None:
         self.msgs += 1
-        fields = message_fields(body)
-        if fields is None:
-            self.other_msgs += 1
-            return
-        intended_ns, seq = fields
-        if (not self.sending or seq >= self.send_total
-                or intended_ns != self.send_t0 + seq * self.send_interval_ns):
+        if self.sender is None or not self.sender.on_message(body, now):
             self.other_msgs += 1        # another run's (or another client's) message
-            return
-        self.hist.record((time.monotonic_ns() - intended_ns) // 1000)
-        self.last_recv_t = time.monotonic()
-        slot, mine = divmod(seq, self.cfg.procs)
-        if mine != self.k or slot >= len(self.seen):
-            self.other_msgs += 1        # not one this process sent
-        elif self.seen[slot]:
-            self.dups += 1
-        else:
-            self.seen[slot] = 1
-            self.received += 1
 
     # -- close and failure ---------------------------------------------------------------------
 
@@ -921,85 +896,6 @@ class Child:
         name = errno.errorcode.get(err or 0, str(err))
         self.errnos[name] = self.errnos.get(name, 0) + 1
 
-    # -- --send: the app side ------------------------------------------------------------------
-
-    def start_sending(self, t0_ns: int) -> None:
-        self.sending = True
-        self.send_t0 = t0_ns
-        self.targets = [j for j in range(self.n) if self.ever_open[j]]
-        my_share = len(range(self.k, self.send_total, self.cfg.procs))
-        if not self.targets or not my_share:
-            self.unsendable = my_share
-            self.next_seq = self.send_total
-            self.sends_done_t = time.monotonic()
-            return
-        try:
-            self.app = socket.create_connection((self.cfg.app_host, self.cfg.app_port),
-                                                timeout=5)
-        except OSError as e:
-            self.app_failed(e)
-            return
-        self.app.setblocking(False)
-        self.ep.register(self.app.fileno(), select.EPOLLOUT | select.EPOLLET)
-
-    def app_failed(self, e: OSError) -> None:
-        """The app port refused or went away: what is not yet written never will be. Frames
-        still buffered are un-counted (a frame is never half-delivered: SPEC), and they and the
-        rest of this process's share are counted unsendable instead."""
-        unsent = self.app_out.count(2) + (1 if self.app_out and self.app_out[0] != 2 else 0)
-        self.sent -= unsent
-        self.unsendable += unsent + len(range(self.next_seq, self.send_total,
-                                              self.cfg.procs))
-        self.app_out.clear()
-        name = errno.errorcode.get(e.errno or 0, str(e))
-        self.errnos[f"app port {name}"] = self.errnos.get(f"app port {name}", 0) + 1
-        if self.app is not None:
-            self.app.close()
-            self.app = None
-        self.next_seq = self.send_total
-        self.sends_done_t = time.monotonic()
-
-    def send_due(self, now: float) -> None:
-        """Queue every frame whose intended time has come (a bounded batch), then write."""
-        if self.app is not None and len(self.app_out) < APP_BUFFER_MAX:
-            now_ns = time.monotonic_ns()
-            procs = self.cfg.procs
-            batch = 0
-            while self.next_seq < self.send_total and batch < SEND_BATCH:
-                intended = self.send_t0 + self.next_seq * self.send_interval_ns
-                if intended > now_ns:
-                    break
-                j = self.targets[(self.next_seq // procs) % len(self.targets)]
-                self.app_out += b"\x02%s\x00t=%d;seq=%d\x00" % (
-                    self.id_bytes(j), intended, self.next_seq)
-                self.next_seq += procs
-                self.sent += 1
-                batch += 1
-            self.flush_app()
-        if self.next_seq >= self.send_total and not self.app_out and not self.sends_done_t:
-            self.sends_done_t = now
-        if self.sends_done_t and not self.send_done:
-            if self.received >= self.sent or now - self.sends_done_t >= self.cfg.grace:
-                self.send_done = True
-
-    def flush_app(self) -> None:
-        if self.app is None or not self.app_out:
-            return
-        try:
-            n = self.app.send(self.app_out)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self.app_failed(e)
-            return
-        del self.app_out[:n]
-
-    def next_send_in(self) -> float:
-        if not self.sending or self.next_seq >= self.send_total:
-            return TICK_S
-        due_ns = self.send_t0 + self.next_seq * self.send_interval_ns - time.monotonic_ns()
-        return max(0.0, due_ns / 1e9)
-
     # -- reports to the parent -----------------------------------------------------------------
 
     def report(self, final: bool = False) -> None:
@@ -1009,10 +905,9 @@ class Child:
             retrying=len(self.retry), gave_up=self.gave_up, failed=self.failed,
             errnos=self.errnos, status=self.status, per_source=self.per_source,
             ramp_t0=self.ramp_t0, last_first_open_t=self.last_first_open_t,
-            msgs=self.msgs, other_msgs=self.other_msgs, sent=self.sent, received=self.received,
-            dups=self.dups, unsendable=self.unsendable, send_done=self.send_done,
-            last_recv_t=self.last_recv_t, sends_done_t=self.sends_done_t,
-            hist=self.hist if final else None)
+            msgs=self.msgs, other_msgs=self.other_msgs, send_done=True)
+        if self.sender is not None:
+            self.sender.add_to(r, final)
         write_all(self.report_fd, json.dumps(r.to_json()).encode() + b"\n")
 
     def on_control(self) -> None:
@@ -1026,8 +921,9 @@ class Child:
             cmd, _, arg = line.partition(" ")
             if cmd == "stop":
                 self.stop = True
-            elif cmd == "send" and not self.sending:
-                self.start_sending(int(arg))
+            elif cmd == "send" and self.sender is not None and not self.sender.started:
+                targets = array("I", (self.lo + j for j in range(self.n) if self.ever_open[j]))
+                self.sender.start(int(arg), self.prefix, targets, time.monotonic())
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -1037,7 +933,9 @@ class Child:
         while not self.stop:
             now = time.monotonic()
             self.start_connects(now)
-            wait = min(next_tick - now, self.next_send_in(), TICK_S)
+            wait = min(next_tick - now, TICK_S)
+            if self.sender is not None:
+                wait = min(wait, self.sender.wake_in(now))
             if self.ready or (self.next_new < self.n and self.connecting < MAX_CONNECTING):
                 wait = 0.0 if not self.rate else min(wait, 1.0 / self.rate)
             if self.retry:
@@ -1051,23 +949,25 @@ class Child:
                 if fd == self.ctrl_fd:
                     self.on_control()
                     continue
-                if self.app is not None and fd == self.app.fileno():
-                    self.flush_app()
+                if self.sender is not None and fd == self.sender.fd:
+                    self.sender.on_event(ev, now)
                     continue
                 conn = self.conns.get(fd)
                 if conn is None:    # closed earlier in this batch
                     continue
                 self.on_event(conn, ev, now)
-            if self.sending:
-                was_done = self.send_done
-                self.send_due(now)
-                if self.send_done and not was_done:
+            if self.sender is not None and self.sender.started:
+                was_done = self.sender.done
+                self.sender.run(now)
+                if self.sender.done and not was_done:
                     next_tick = now             # tell the parent now, not in a second
             if self.open == self.n and not self.told_full:
                 self.told_full = True           # the ramp may be over: tell the parent now
                 next_tick = now
             if now >= next_tick:    # the periodic timer: reports, timeouts, the stop flag
                 self.check_timeouts(now)
+                if self.sender is not None:
+                    self.sender.check_timeout(now)
                 self.report()
                 next_tick = now + TICK_S
         self.report(final=True)
@@ -1079,6 +979,299 @@ class Child:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger0)
             except OSError:
                 pass
+
+
+# ---------------------------------------------------------------------------------------------
+# --send: the app side of a child
+# ---------------------------------------------------------------------------------------------
+
+APP_DOWN, APP_CONNECTING, APP_UP = "down", "connecting", "up"
+EV_APP = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+
+
+class Sender:
+    """One child's share of --send M, and its one connection to the manager's app port.
+
+    The share is seq = k, k + K, k + 2K, ... < M; slot i is seq k + i*K. Message seq is meant
+    to go at t0 + seq / --send-rate, to this child's open ids in turn, as a binary frame
+    carrying that time. Every slot ends as exactly one of: sent (then received, or lost), or
+    unsendable with a cause. Slots move forward only: [0, out_first) are settled, [out_first,
+    next_slot) are frames in `out`, waiting for the socket.
+
+    The connection: DOWN -> CONNECTING -> UP, and back to DOWN when connecting fails or the
+    manager closes or resets it. It closes a binary-frame connection when it refuses a frame:
+    a malformed one, any with --app-token set, or one for a worker whose outbox is over its
+    bound. DOWN is left by connecting again after APP_RETRY_BASE_S, doubling up to
+    APP_RETRY_MAX_S, and the schedule goes on meanwhile:
+
+      - a frame whose time comes while DOWN is unsendable, with the cause of the last failure:
+        an app with no connection cannot publish, and sending it late would hide the outage;
+      - while CONNECTING, or while APP_BUFFER_MAX waits for the socket (the manager holding
+        publishers back), frames wait and go late: their latency shows the wait;
+      - a frame not wholly written when the connection fails is unsendable;
+      - a frame written to a connection the manager then closed, and never received, is
+        counted unsendable with that cause, not lost: binary frames have no reply, so which
+        of them the manager took before closing cannot be known from here.
+
+    Lost is then what went to a connection the manager did not close, and no poll received."""
+
+    def __init__(self, k: int, cfg: Config, ep: select.epoll):
+        self.k, self.procs = k, cfg.procs
+        self.total = cfg.send
+        self.share = len(range(k, cfg.send, cfg.procs))
+        self.interval_ns = int(1e9 / cfg.send_rate) if cfg.send_rate else 0
+        self.app = (cfg.app_host, cfg.app_port)
+        self.connect_timeout = cfg.connect_timeout
+        self.grace = cfg.grace
+        self.ep = ep
+        self.started = False
+        self.t0_ns = 0
+        self.prefix = b""
+        self.targets = array("I")           # the ids' numbers: PREFIX<n>
+
+        # The connection.
+        self.sock: socket.socket | None = None
+        self.state = APP_DOWN
+        self.deadline = 0.0                 # CONNECTING: give up then
+        self.retry_at = 0.0                 # DOWN: connect again then
+        self.tries = 0
+        self.up_since = 0.0
+        self.cause = ""                     # why the last connection ended
+        self.conn_first = 0                 # the first slot written to this connection
+
+        # The schedule and what waits for the socket.
+        self.next_slot = 0
+        self.out_first = 0
+        self.out = bytearray()
+        self.out_base = 0                   # stream offset of out[0]
+        self.out_ends = deque()             # stream offset where each frame in out ends
+
+        # The accounting.
+        self.written = 0                    # frames wholly written to a connection
+        self.unsendable: dict[str, int] = {}    # by cause
+        self.doubt: list = []               # (first slot, end slot, cause): written, then
+                                            # the manager closed that connection
+        self.seen = bytearray(self.share)   # by slot: received
+        self.received = self.dups = 0
+        self.hist = Histogram()
+        self.last_recv_t = 0.0
+        self.sends_done_t = 0.0             # when every slot was settled
+        self.done = self.share == 0         # settled, and received or --grace passed
+
+    @property
+    def fd(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def start(self, t0_ns: int, prefix: bytes, targets: array, now: float) -> None:
+        self.started = True
+        self.t0_ns, self.prefix, self.targets = t0_ns, prefix, targets
+        if not targets:
+            self.cause = "no open ids"
+            self.skip(self.share - self.next_slot)
+        else:
+            self.connect(now)
+
+    # -- the connection --------------------------------------------------------------------------
+
+    def connect(self, now: float) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            err = sock.connect_ex(self.app)
+        except OSError as e:
+            err = e.errno
+        self.sock = sock
+        if err not in (0, errno.EINPROGRESS):
+            self.fail(app_cause(err), now)
+            return
+        self.ep.register(sock.fileno(), EV_APP)
+        self.state = APP_CONNECTING
+        self.deadline = now + self.connect_timeout
+        if err == 0:
+            self.on_up(now)
+
+    def on_up(self, now: float) -> None:
+        self.state = APP_UP
+        self.up_since = now
+        self.conn_first = self.out_first
+        self.flush(now)
+
+    def on_event(self, ev: int, now: float) -> None:
+        if self.state == APP_CONNECTING:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.fail(app_cause(err), now)
+                return
+            self.on_up(now)
+        if self.state == APP_UP and ev & ~select.EPOLLOUT:
+            self.on_readable(now)
+        if self.state == APP_UP and ev & select.EPOLLOUT:
+            self.flush(now)
+
+    def on_readable(self, now: float) -> None:
+        """The binary protocol has no replies: reading only tells whether the manager closed
+        (EOF) or reset the connection. Anything else it sends is dropped."""
+        while True:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self.fail(app_cause(e.errno), now)
+                return
+            if not data:
+                self.fail("closed", now)
+                return
+
+    def check_timeout(self, now: float) -> None:
+        if self.state == APP_CONNECTING and now >= self.deadline:
+            self.fail("timeout", now)
+
+    def fail(self, cause: str, now: float) -> None:
+        """The one path from CONNECTING or UP to DOWN."""
+        if self.state == APP_UP:
+            if self.out_first > self.conn_first:
+                self.doubt.append((self.conn_first, self.out_first, cause))
+            if now - self.up_since >= APP_STABLE_S:
+                self.tries = 0
+        n = len(self.out_ends)          # not wholly written: never will be
+        if n:
+            self.unsendable[cause] = self.unsendable.get(cause, 0) + n
+        self.out_first = self.next_slot
+        self.out_base += len(self.out)
+        self.out.clear()
+        self.out_ends.clear()
+        self.sock.close()               # also leaves the epoll set
+        self.sock = None
+        self.state = APP_DOWN
+        self.cause = cause
+        self.tries = min(self.tries + 1, 30)
+        self.retry_at = now + min(APP_RETRY_BASE_S * 2 ** (self.tries - 1), APP_RETRY_MAX_S)
+
+    # -- the schedule ------------------------------------------------------------------------------
+
+    def run(self, now: float) -> None:
+        """Once a loop turn: DOWN, count every frame whose time has come unsendable, and
+        connect again when it is time; otherwise queue them (a bounded batch), then write."""
+        now_ns = time.monotonic_ns()
+        if self.state == APP_DOWN:
+            self.skip(self.due(now_ns))
+            if self.next_slot < self.share and now >= self.retry_at:
+                self.connect(now)
+        batch = 0
+        while self.next_slot < self.share and batch < SEND_BATCH and self.state != APP_DOWN:
+            seq = self.k + self.next_slot * self.procs
+            intended = self.t0_ns + seq * self.interval_ns
+            if intended > now_ns:
+                break
+            if len(self.out) >= APP_BUFFER_MAX:
+                break
+            n = self.targets[self.next_slot % len(self.targets)]
+            self.out += b"\x02%s%d\x00t=%d;seq=%d\x00" % (self.prefix, n, intended, seq)
+            self.out_ends.append(self.out_base + len(self.out))
+            self.next_slot += 1
+            batch += 1
+        if self.state == APP_UP:
+            self.flush(now)
+        if not self.sends_done_t and self.out_first == self.share:
+            self.sends_done_t = now
+        if self.sends_done_t and not self.done:
+            self.done = self.received >= self.written or now - self.sends_done_t >= self.grace
+
+    def due(self, now_ns: int) -> int:
+        """How many slots from next_slot on are meant to have gone by now_ns."""
+        left = self.share - self.next_slot
+        if not left or not self.interval_ns:
+            return left
+        late = now_ns - (self.t0_ns + (self.k + self.next_slot * self.procs) * self.interval_ns)
+        return 0 if late < 0 else min(left, late // (self.procs * self.interval_ns) + 1)
+
+    def skip(self, n: int) -> None:
+        """n slots due while there is no connection: unsendable, for the last failure's cause."""
+        if n:
+            self.unsendable[self.cause] = self.unsendable.get(self.cause, 0) + n
+            self.next_slot += n
+            self.out_first = self.next_slot
+
+    def flush(self, now: float) -> None:
+        if not self.out:
+            return
+        try:
+            n = self.sock.send(self.out)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.fail(app_cause(e.errno), now)
+            return
+        del self.out[:n]
+        self.out_base += n
+        while self.out_ends and self.out_ends[0] <= self.out_base:
+            self.out_ends.popleft()
+            self.out_first += 1
+            self.written += 1
+
+    def wake_in(self, now: float) -> float:
+        """Seconds until the next frame is due (or the next reconnect); TICK_S if nothing is."""
+        if not self.started or self.next_slot >= self.share:
+            return TICK_S
+        if self.state == APP_DOWN:
+            return max(0.0, self.retry_at - now)
+        if len(self.out) >= APP_BUFFER_MAX:
+            return TICK_S               # EPOLLOUT wakes the loop
+        seq = self.k + self.next_slot * self.procs
+        return max(0.0, (self.t0_ns + seq * self.interval_ns - time.monotonic_ns()) / 1e9)
+
+    # -- deliveries --------------------------------------------------------------------------------
+
+    def on_message(self, body: bytes, now: float) -> bool:
+        """A 200's body: False unless it is one of this child's messages of this run. The
+        latency of its first delivery is taken from the time it was meant to go."""
+        fields = message_fields(body)
+        if fields is None or not self.started:
+            return False
+        intended_ns, seq = fields
+        slot, mine = divmod(seq - self.k, self.procs)
+        if (mine or not 0 <= slot < self.share
+                or intended_ns != self.t0_ns + seq * self.interval_ns):
+            return False
+        if self.seen[slot]:
+            self.dups += 1
+        else:
+            self.seen[slot] = 1
+            self.received += 1
+            self.hist.record((time.monotonic_ns() - intended_ns) // 1000)
+        self.last_recv_t = now
+        return True
+
+    # -- the report ------------------------------------------------------------------------------
+
+    def add_to(self, r: Report, final: bool) -> None:
+        """The --send fields of this child's report. At the end every slot is settled: the
+        doubtful ones by whether they arrived, those the run stopped before as "run stopped"."""
+        r.received, r.dups = self.received, self.dups
+        r.last_recv_t, r.sends_done_t = self.last_recv_t, self.sends_done_t
+        r.send_done = self.done
+        unsendable = dict(self.unsendable)
+        sent = self.written
+        if final:
+            for lo, hi, cause in self.doubt:
+                n = self.seen[lo:hi].count(0)
+                if n:
+                    unsendable[cause] = unsendable.get(cause, 0) + n
+                    sent -= n
+            left = self.share - self.out_first
+            if left:
+                unsendable["run stopped"] = unsendable.get("run stopped", 0) + left
+            r.hist = self.hist
+        r.sent, r.unsendable = sent, unsendable
+
+
+def app_cause(err: int | None) -> str:
+    """An app connection's errno as a cause: refused, timeout, reset, or the errno's name."""
+    cause = ERRNO_CAUSE.get(err)
+    if cause in (None, "other"):
+        return errno.errorcode.get(err or 0, str(err))
+    return cause
+
 
 
 def child_main(k: int, cfg: Config, lo: int, hi: int, ctrl_fd: int, report_fd: int) -> None:
@@ -1497,7 +1690,8 @@ class Parent:
             "ramp_s": round(ramp_s, 3), "ramp_end": ramp_reason,
             "messages": t.msgs, "other_messages": t.other_msgs,
             "sent": sent, "received": received, "lost": max(0, sent - received),
-            "duplicates": t.dups, "unsendable": t.unsendable,
+            "duplicates": t.dups, "unsendable": sum(t.unsendable.values()),
+            "unsendable_causes": t.unsendable,
             "send_rate": cfg.send_rate if cfg.send else None,
             "latency_ms": {"p50": ms(hist.percentile(0.5)), "p99": ms(hist.percentile(0.99)),
                            "p999": ms(hist.percentile(0.999)), "max": ms(hist.max),
@@ -1560,7 +1754,8 @@ def print_summary(s: dict, out=sys.stdout) -> None:
     if s["sent"] or s["send_rate"] is not None:
         lat = s["latency_ms"]
         rate = f", {s['msgs_per_s']:,.0f} msgs/s" if s["msgs_per_s"] else ""
-        unsendable = f", unsendable {s['unsendable']:,}" if s["unsendable"] else ""
+        causes = ", ".join(f"{c} {n:,}" for c, n in s["unsendable_causes"].items())
+        unsendable = f", unsendable {s['unsendable']:,} ({causes})" if s["unsendable"] else ""
         w(f"  messages  sent {s['sent']:,}, received {s['received']:,}, lost {s['lost']:,}, "
           f"duplicates {s['duplicates']:,}{unsendable}{rate}")
         w(f"  latency   p50 {lat['p50']} ms, p99 {lat['p99']} ms, p99.9 {lat['p999']} ms, "

@@ -4,12 +4,14 @@ on loopback (small counts, every run bounded by --max-time and a subprocess time
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
-from conftest import ROOT, free_port_block
+from conftest import ROOT, Manager, free_port_block, http_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -243,10 +245,10 @@ def test_a_100_kb_final_report_goes_whole_through_a_full_pipe_and_signals():
     if pid == 0:
         try:
             os.close(r)
-            child = client.Child(0, small_config(), 0, 10, -1, w)
+            child = client.Child(0, small_config(send=10), 0, 10, -1, w)
             os.set_blocking(w, False)                           # as child_main leaves it
             child.errnos = errnos
-            child.hist.record(1234)
+            child.sender.hist.record(1234)
             child.report(final=True)
             os._exit(0)
         except BaseException:
@@ -420,13 +422,13 @@ def test_likely_cause_names_the_biggest_failure():
 # ---------------------------------------------------------------------------------------------
 
 
-def run_client(m, *args, tmp_path, timeout=30):
-    """Run client.py to its end; returns (json summary, stdout)."""
+def run_client(m, *args, tmp_path, timeout=30, app_port=None, expect=0):
+    """Run client.py to its end; returns (json summary, stdout + stderr)."""
     out = tmp_path / "summary.json"
-    cmd = [*CLIENT, *args, "--base-port", str(m.base_port), "--app-port", str(m.app_port),
-           "--max-time", "20", "--json", str(out)]
+    cmd = [*CLIENT, *args, "--base-port", str(m.base_port),
+           "--app-port", str(app_port or m.app_port), "--max-time", "20", "--json", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == expect, p.stdout + p.stderr
     return json.loads(out.read_text()), p.stdout + p.stderr
 
 
@@ -562,6 +564,117 @@ def test_send_delivers_everything(manager_factory, tmp_path):
     assert lat["count"] == 1000 and 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"]
     assert s["msgs_per_s"] > 500
     assert "lost 0" in output and "p99" in output
+
+
+def test_an_app_port_that_refuses_makes_every_message_unsendable(manager_factory, tmp_path):
+    m = manager_factory()
+    closed = free_port_block(1)     # nothing listens there
+    for rate in ("0", "500"):       # all at once; paced over 0.6 s, reconnecting meanwhile
+        s, output = run_client(m, "u", "127.0.0.1", "--conns", "50", "--send", "300",
+                               "--send-rate", rate, tmp_path=tmp_path, app_port=closed)
+        assert s["ids_opened"] == 50
+        assert s["sent"] == 0 and s["received"] == 0 and s["lost"] == 0
+        assert s["unsendable"] == 300 and s["unsendable_causes"] == {"refused": 300}
+        assert "unsendable 300 (refused 300)" in output
+
+
+class TokenManager(Manager):
+    """A manager with --app-token T: its /stats (used by wait_ready) needs the token."""
+
+    def __init__(self):
+        super().__init__("--app-token", "T")
+
+    def stats(self) -> dict:
+        status, _, body = http_request(self.app_port, "GET /stats HTTP/1.1\r\nHost: x\r\n"
+                                                      "Authorization: Bearer T\r\n\r\n")
+        assert status == 200, body
+        return json.loads(body)
+
+
+def test_a_manager_that_closes_binary_frames_makes_them_unsendable(tmp_path):
+    """--app-token makes the manager close every binary-frame connection (as it will when a
+    worker's outbox is over its bound): what was written to it and never came is unsendable,
+    with the cause, not lost; the sender connects again and again meanwhile."""
+    m = TokenManager()
+    try:
+        s, output = run_client(m, "v", "127.0.0.1", "--conns", "50", "--procs", "1",
+                               "--send", "300", "--send-rate", "500", "--grace", "0.5",
+                               tmp_path=tmp_path)
+        assert m.stats()["manager"]["app_rejected"] >= 3    # closed, connected again, ...
+    finally:
+        m.stop()
+    assert s["received"] == 0 and s["sent"] == 0 and s["lost"] == 0
+    assert s["unsendable"] == 300
+    assert set(s["unsendable_causes"]) <= {"closed", "reset"}, s["unsendable_causes"]
+
+
+class ClosingProxy:
+    """The app port as the manager will be when it refuses: the first binary-frame connection
+    is closed after `cut` bytes (passed on; the rest never is), every other one is passed on
+    whole, both ways (the client asks GET /stats there too)."""
+
+    def __init__(self, upstream: int, cut: int):
+        self.upstream, self.cut = upstream, cut
+        self.listener = socket.create_server(("127.0.0.1", free_port_block(1)))
+        self.port = self.listener.getsockname()[1]
+        self.binary = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.pipe, args=(conn,), daemon=True).start()
+
+    def pipe(self, conn):
+        with conn, socket.create_connection(("127.0.0.1", self.upstream)) as up:
+            data = conn.recv(65536)
+            cut = False
+            if data[:1] == b"\x02":
+                with self.lock:
+                    self.binary += 1
+                    cut = self.binary == 1
+            else:
+                threading.Thread(target=self.back, args=(up, conn), daemon=True).start()
+            passed = 0
+            while data:
+                if cut:
+                    data = data[:self.cut - passed]
+                up.sendall(data)
+                passed += len(data)
+                if cut and passed >= self.cut:
+                    return
+                data = conn.recv(65536)
+
+    def back(self, up, conn):
+        try:
+            while data := up.recv(65536):
+                conn.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+
+
+def test_the_sender_reconnects_after_a_close_and_goes_on(manager_factory, tmp_path):
+    m = manager_factory()
+    proxy = ClosingProxy(m.app_port, cut=3000)
+    try:
+        s, output = run_client(m, "w", "127.0.0.1", "--conns", "100", "--procs", "1",
+                               "--send", "600", "--send-rate", "600", "--grace", "2",
+                               tmp_path=tmp_path, app_port=proxy.port)
+    finally:
+        proxy.close()
+    assert proxy.binary >= 2
+    assert s["sent"] + s["unsendable"] == 600
+    assert s["received"] == s["sent"] and s["lost"] == 0 and s["duplicates"] == 0
+    assert s["unsendable"] > 0 and set(s["unsendable_causes"]) <= {"closed", "reset"}
+    assert s["received"] > 300          # the schedule went on after the close
+    assert s["latency_ms"]["count"] == s["received"]
 
 
 def test_rate_paces_the_ramp(manager_factory, tmp_path):
