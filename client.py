@@ -69,6 +69,11 @@ Bounds. Every loop ends by itself: the run stops --hold seconds after the ramp e
 parent's pipe closes. Ctrl-C: the children report at once, the summary is out within
 STOP_WAIT_S (a child that has not reported by then is killed), and the processes are gone once the
 kernel has closed their sockets (abortively: RST, no TIME_WAIT left to block the next run).
+
+The verdict. The exit status says whether the run did what it was asked (EXIT_OK: every id open,
+every message sent and received), and when not, one line on stderr says what it missed and why:
+connections short (with the likely cause), messages unsendable (by cause) or lost, a child
+process that failed, an interruption (128 + the signal's number).
 """
 
 import argparse
@@ -1692,6 +1697,8 @@ class Parent:
             "sent": sent, "received": received, "lost": max(0, sent - received),
             "duplicates": t.dups, "unsendable": sum(t.unsendable.values()),
             "unsendable_causes": t.unsendable,
+            "send_asked": cfg.send, "grace_s": cfg.grace,
+            "app": f"{cfg.app_host}:{cfg.app_port}",
             "send_rate": cfg.send_rate if cfg.send else None,
             "latency_ms": {"p50": ms(hist.percentile(0.5)), "p99": ms(hist.percentile(0.99)),
                            "p999": ms(hist.percentile(0.999)), "max": ms(hist.max),
@@ -1767,10 +1774,67 @@ def print_summary(s: dict, out=sys.stdout) -> None:
     for note in s["notes"]:
         w(f"  note      {note}")
     for failure in s["failed_processes"]:
-        w(f"  failed    {failure}")
+        w(f"  child     {failure}")
     if s["cause"]:
         w(f"  cause     {s['cause']}")
     w(f"  elapsed   {s['elapsed_s']:.1f} s, stopped by {s['stopped_by']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The verdict: did the run do what it was asked?
+# ---------------------------------------------------------------------------------------------
+
+EXIT_OK = 0             # every --conns opened (and the server holds them); with --send M, all
+                        # M sent and received
+EXIT_SHORT = 1          # the run missed what it was asked for: stderr says why, in one line
+EXIT_USAGE = 2          # bad options (argparse's status), nothing run
+                        # 128 + N: stopped by signal N (130 for Ctrl-C, 143 for SIGTERM)
+
+APP_CAUSES = {          # why messages were unsendable, in words ({app}: the app port)
+    "refused": "the app port {app} refused the connection (is the manager running? "
+               "--app-port right?)",
+    "timeout": "connecting to the app port {app} timed out",
+    "closed": "the app port {app} closed the connection (the manager refused frames: "
+              "see its log and app_rejected in its /stats)",
+    "reset": "the app port {app} reset the connection (the manager refused frames: "
+             "see its log and app_rejected in its /stats)",
+    "no open ids": "no connection was open to send them to",
+    "run stopped": "the run stopped first ({stopped_by})",
+}
+
+
+def shortfalls(s: dict) -> list[str]:
+    """What the run was asked for and did not do, from its summary: one phrase each, the
+    most basic first. Empty when it did all of it."""
+    out = []
+    if s["stopped_by"] in ("SIGINT", "SIGTERM"):
+        out.append(f"interrupted by {s['stopped_by']}")
+    out.extend(s["failed_processes"])
+    if s["cause"]:
+        if s["cause"].startswith("server accepted only"):
+            out.append(s["cause"])
+        else:
+            reached = max(s["peak_open"], s["ids_opened"])
+            out.append(f"only {reached:,} of {s['target']:,} connections opened: {s['cause']}")
+    asked = s["send_asked"]
+    if asked and s["unsendable"]:
+        causes = sorted(s["unsendable_causes"].items(), key=lambda c: -c[1])
+        words = [APP_CAUSES.get(c, "the app port {app}: " + c).format(
+            app=s["app"], stopped_by=s["stopped_by"]) for c, _ in causes]
+        if len(words) > 1:
+            words = [f"{w} ({n:,})" for w, (_, n) in zip(words, causes, strict=True)]
+        out.append(f"{s['unsendable']:,} of {asked:,} messages could not be sent: "
+                   + ", ".join(words))
+    if asked and s["lost"]:
+        out.append(f"{s['lost']:,} of {s['sent']:,} messages sent were not received within "
+                   f"--grace {s['grace_s']:g} s")
+    return out
+
+
+def exit_status(s: dict) -> int:
+    if s["stopped_by"] in ("SIGINT", "SIGTERM"):
+        return 128 + signal.Signals[s["stopped_by"]]
+    return EXIT_SHORT if shortfalls(s) else EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1822,7 +1886,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    fail = lambda msg: (print(f"client.py: {msg}", file=sys.stderr), 2)[1]
+    def fail(msg: str, status: int = EXIT_USAGE) -> int:
+        print(f"client.py: {msg}", file=sys.stderr)
+        return status
     prefix = args.prefix.encode()
     if not valid_id(prefix + str(args.conns - 1).encode()):
         return fail(f"ids {args.prefix}0..{args.prefix}{args.conns - 1} are not valid ids "
@@ -1837,7 +1903,7 @@ def main(argv: list[str] | None = None) -> int:
             workers = ask_workers(addr, args.host, args.base_port)
         except (OSError, ValueError, KeyError) as e:
             return fail(f"cannot ask http://{args.host}:{args.base_port}/_info for the worker "
-                        f"count ({e}): is the server running? (or pass --workers)")
+                        f"count ({e}): is the server running? (or pass --workers)", EXIT_SHORT)
     if args.base_port + workers - 1 > 65535:
         return fail(f"--base-port {args.base_port} + {workers} workers runs past port 65535")
     explicit = None
@@ -1881,14 +1947,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     summary = parent.run()
+    summary["shortfalls"] = shortfalls(summary)
+    summary["exit_status"] = status = exit_status(summary)
     print_summary(summary)
     sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
             f.write("\n")
+    if summary["shortfalls"]:
+        print("client.py: " + "; ".join(summary["shortfalls"]), file=sys.stderr)
     parent.reap()
-    return 0
+    return status
 
 
 if __name__ == "__main__":

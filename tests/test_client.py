@@ -417,6 +417,53 @@ def test_likely_cause_names_the_biggest_failure():
     assert likely_cause(1000, 1000, failed, {}, {"connections": 1005}, 1000) is None
 
 
+def summary_of(**kw) -> dict:
+    """The fields of a summary that the verdict reads: a run that did all it was asked."""
+    return {"stopped_by": "done", "failed_processes": [], "cause": None, "peak_open": 100,
+            "ids_opened": 100, "target": 100, "send_asked": 0, "sent": 0, "received": 0,
+            "lost": 0, "unsendable": 0, "unsendable_causes": {}, "app": "127.0.0.1:9000",
+            "grace_s": 5.0, **kw}
+
+
+def test_verdict_ok_only_when_everything_asked_was_done():
+    assert client.shortfalls(summary_of()) == [] and client.exit_status(summary_of()) == 0
+    sent = summary_of(send_asked=1000, sent=1000, received=1000)
+    assert client.exit_status(sent) == 0
+    # stopped by --max-time after doing it all is still done
+    assert client.exit_status(summary_of(stopped_by="max-time")) == 0
+
+
+@pytest.mark.parametrize("kw, status, line", [
+    (dict(cause="server refused: not listening on that port", peak_open=0, ids_opened=0),
+     1, "only 0 of 100 connections opened: server refused: not listening on that port"),
+    (dict(cause="server accepted only 368 of this client's 1,000 open connections (...)"),
+     1, "server accepted only 368 of this client's 1,000 open connections (...)"),
+    (dict(send_asked=1000, sent=1000, received=990, lost=10),
+     1, "10 of 1,000 messages sent were not received within --grace 5 s"),
+    (dict(send_asked=1000, sent=0, unsendable=1000, unsendable_causes={"refused": 1000}),
+     1, "1,000 of 1,000 messages could not be sent: the app port 127.0.0.1:9000 refused the "
+        "connection (is the manager running? --app-port right?)"),
+    (dict(send_asked=500, sent=300, received=300, unsendable=200, stopped_by="max-time",
+          unsendable_causes={"closed": 50, "run stopped": 150}),
+     1, "200 of 500 messages could not be sent: the run stopped first (max-time) (150), "
+        "the app port 127.0.0.1:9000 closed the connection (the manager refused frames: see "
+        "its log and app_rejected in its /stats) (50)"),
+    (dict(send_asked=10, unsendable=10, unsendable_causes={"EHOSTUNREACH": 10}),
+     1, "10 of 10 messages could not be sent: the app port 127.0.0.1:9000: EHOSTUNREACH"),
+    (dict(failed_processes=["client process 3 crashed: ZeroDivisionError"]),
+     1, "client process 3 crashed: ZeroDivisionError"),
+    (dict(stopped_by="SIGINT"), 130, "interrupted by SIGINT"),
+    (dict(stopped_by="SIGTERM", cause="stopped before the ramp finished", peak_open=5,
+          ids_opened=7),
+     143, "interrupted by SIGTERM; only 7 of 100 connections opened: stopped before the ramp "
+          "finished"),
+])
+def test_verdict_names_what_was_missed(kw, status, line):
+    s = summary_of(**kw)
+    assert client.exit_status(s) == status
+    assert "; ".join(client.shortfalls(s)) == line
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole runs against a real manager
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +475,7 @@ def run_client(m, *args, tmp_path, timeout=30, app_port=None, expect=0):
     cmd = [*CLIENT, *args, "--base-port", str(m.base_port),
            "--app-port", str(app_port or m.app_port), "--max-time", "20", "--json", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == expect, p.stdout + p.stderr
+    assert expect is None or p.returncode == expect, p.stdout + p.stderr
     return json.loads(out.read_text()), p.stdout + p.stderr
 
 
@@ -450,7 +497,7 @@ def test_no_server_is_one_clear_line():
     port = free_port_block(1)
     p = subprocess.run([*CLIENT, "a", "127.0.0.1", "--base-port", str(port)],
                        capture_output=True, text=True, timeout=10)
-    assert p.returncode == 2
+    assert p.returncode == 1
     assert p.stderr.count("\n") == 1 and "--workers" in p.stderr
 
 
@@ -474,7 +521,8 @@ def test_thousands_of_polls_over_two_processes(manager_factory, tmp_path):
         if p.poll() is None:
             p.kill()
             p.communicate()
-    assert p.returncode == 0, output
+    assert p.returncode == 128 + signal.SIGTERM, output
+    assert output.rstrip().endswith("client.py: interrupted by SIGTERM")
     s = json.loads(out.read_text())
     assert s["procs"] == 2 and s["workers"] == 2
     assert s["ids_opened"] == 3000 and s["peak_open"] == 3000 and s["opened"] >= 3000
@@ -525,7 +573,7 @@ def test_a_previous_runs_queued_messages_are_not_counted(manager_factory, tmp_pa
     gets them on its first polls: they are another run's, not received or duplicates."""
     m = manager_factory()
     run_client(m, "st", "127.0.0.1", "--conns", "100", "--send", "300", "--send-rate", "0",
-               "--grace", "0", tmp_path=tmp_path)
+               "--grace", "0", tmp_path=tmp_path, expect=None)
     s, _ = run_client(m, "st", "127.0.0.1", "--conns", "100", "--send", "300",
                       "--send-rate", "1000", tmp_path=tmp_path)
     assert s["sent"] == 300 and s["received"] == 300 and s["lost"] == 0
@@ -564,6 +612,7 @@ def test_send_delivers_everything(manager_factory, tmp_path):
     assert lat["count"] == 1000 and 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"]
     assert s["msgs_per_s"] > 500
     assert "lost 0" in output and "p99" in output
+    assert "client.py:" not in output and s["exit_status"] == 0 and s["shortfalls"] == []
 
 
 def test_an_app_port_that_refuses_makes_every_message_unsendable(manager_factory, tmp_path):
@@ -571,11 +620,16 @@ def test_an_app_port_that_refuses_makes_every_message_unsendable(manager_factory
     closed = free_port_block(1)     # nothing listens there
     for rate in ("0", "500"):       # all at once; paced over 0.6 s, reconnecting meanwhile
         s, output = run_client(m, "u", "127.0.0.1", "--conns", "50", "--send", "300",
-                               "--send-rate", rate, tmp_path=tmp_path, app_port=closed)
+                               "--send-rate", rate, tmp_path=tmp_path, app_port=closed,
+                               expect=1)
         assert s["ids_opened"] == 50
         assert s["sent"] == 0 and s["received"] == 0 and s["lost"] == 0
         assert s["unsendable"] == 300 and s["unsendable_causes"] == {"refused": 300}
         assert "unsendable 300 (refused 300)" in output
+        assert output.rstrip().splitlines()[-1] == (
+            f"client.py: 300 of 300 messages could not be sent: the app port "
+            f"127.0.0.1:{closed} refused the connection (is the manager running? "
+            f"--app-port right?)")
 
 
 class TokenManager(Manager):
@@ -599,13 +653,15 @@ def test_a_manager_that_closes_binary_frames_makes_them_unsendable(tmp_path):
     try:
         s, output = run_client(m, "v", "127.0.0.1", "--conns", "50", "--procs", "1",
                                "--send", "300", "--send-rate", "500", "--grace", "0.5",
-                               tmp_path=tmp_path)
+                               tmp_path=tmp_path, expect=1)
         assert m.stats()["manager"]["app_rejected"] >= 3    # closed, connected again, ...
     finally:
         m.stop()
     assert s["received"] == 0 and s["sent"] == 0 and s["lost"] == 0
     assert s["unsendable"] == 300
     assert set(s["unsendable_causes"]) <= {"closed", "reset"}, s["unsendable_causes"]
+    assert "300 of 300 messages could not be sent: the app port" in output
+    assert "the manager refused frames" in output
 
 
 class ClosingProxy:
@@ -666,7 +722,7 @@ def test_the_sender_reconnects_after_a_close_and_goes_on(manager_factory, tmp_pa
     try:
         s, output = run_client(m, "w", "127.0.0.1", "--conns", "100", "--procs", "1",
                                "--send", "600", "--send-rate", "600", "--grace", "2",
-                               tmp_path=tmp_path, app_port=proxy.port)
+                               tmp_path=tmp_path, app_port=proxy.port, expect=1)
     finally:
         proxy.close()
     assert proxy.binary >= 2
@@ -675,6 +731,7 @@ def test_the_sender_reconnects_after_a_close_and_goes_on(manager_factory, tmp_pa
     assert s["unsendable"] > 0 and set(s["unsendable_causes"]) <= {"closed", "reset"}
     assert s["received"] > 300          # the schedule went on after the close
     assert s["latency_ms"]["count"] == s["received"]
+    assert f"{s['unsendable']} of 600 messages could not be sent" in output
 
 
 def test_rate_paces_the_ramp(manager_factory, tmp_path):
@@ -697,17 +754,21 @@ def test_follows_307_and_repolls_after_204(manager_factory, tmp_path):
     assert s["ids_opened"] == 200 and not any(s["failed"].values())
 
 
-def test_refused_names_the_cause(tmp_path):
+def test_nothing_opens_where_no_server_listens_exit_1_and_why(tmp_path):
     port = free_port_block(1)
     out = tmp_path / "s.json"
     p = subprocess.run([*CLIENT, "x", "127.0.0.1", "--conns", "50", "--workers", "1",
                         "--base-port", str(port), "--app-port", str(port), "--stall", "1",
                         "--hold", "0", "--max-time", "10", "--json", str(out)],
                        capture_output=True, text=True, timeout=20)
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith(
+        "client.py: only 0 of 50 connections opened: server refused: not listening"), p.stderr
+    assert "is it running?" in p.stderr
     s = json.loads(out.read_text())
     assert s["ids_opened"] == 0 and s["failed"]["refused"] >= 50
     assert "refused" in s["cause"] and "cause     server refused" in p.stdout
+    assert s["exit_status"] == 1 and len(s["shortfalls"]) == 1
 
 
 def test_a_server_that_never_accepts_gives_timeouts(tmp_path):
@@ -722,7 +783,8 @@ def test_a_server_that_never_accepts_gives_timeouts(tmp_path):
                             "--connect-timeout", "1", "--stall", "2.5", "--hold", "0",
                             "--max-time", "10", "--json", str(out)],
                            capture_output=True, text=True, timeout=20)
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 1, p.stderr
+    assert "client.py: only " in p.stderr and "connect timeouts" in p.stderr
     s = json.loads(out.read_text())
     assert s["failed"]["timeout"] > 0 and s["ids_opened"] < 20
     assert s["cause"].startswith("connect timeouts")
@@ -740,10 +802,11 @@ def test_listen_overflows_reads_tcpext(tmp_path):
 def test_server_open_file_limit_is_named(tmp_path, manager_factory):
     m = manager_factory(nofile=200)
     s, output = run_client(m, "l", "127.0.0.1", "--conns", "1000", "--hold", "0",
-                           "--stall", "2", tmp_path=tmp_path)
+                           "--stall", "2", tmp_path=tmp_path, expect=1)
     assert s["server"] is not None and s["server"]["connections"] < 1000
     assert "open-file limit" in s["cause"] and "server" in s["cause"]
     assert "cause     server" in output
+    assert "client.py: server accepted only" in output
 
 
 def test_a_child_killed_mid_run_is_named_and_ends_the_run(manager_factory, tmp_path):
@@ -767,11 +830,12 @@ def test_a_child_killed_mid_run_is_named_and_ends_the_run(manager_factory, tmp_p
             p.kill()
             p.communicate()
     assert "Traceback" not in stdout + stderr
+    assert p.returncode == 1 and stderr.startswith("client.py: client process ")
     s = json.loads(out.read_text())
     assert s["stopped_by"] == "a client process failed"
     [failure] = s["failed_processes"]
     assert failure.startswith("client process ") and "killed by SIGKILL" in failure, failure
-    assert f"failed    {failure}" in stdout
+    assert f"child     {failure}" in stdout
 
 
 def test_ctrl_c_stops_every_process_fast(manager_factory):
@@ -786,7 +850,8 @@ def test_ctrl_c_stops_every_process_fast(manager_factory):
         os.killpg(p.pid, signal.SIGINT)     # what a terminal's Ctrl-C does: the whole group
         output, _ = p.communicate(timeout=5)
         assert time.monotonic() - t0 < 2.0
-        assert p.returncode == 0 and "stopped by SIGINT" in output
+        assert p.returncode == 130 and "stopped by SIGINT" in output
+        assert output.rstrip().endswith("client.py: interrupted by SIGINT")
         assert subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True).returncode == 1
     finally:
         if p.poll() is None:
