@@ -93,7 +93,7 @@ import time
 import traceback
 from array import array
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from itertools import zip_longest
 
 from options import non_negative, non_negative_int, port, positive_float, positive_int
@@ -397,7 +397,8 @@ class Config:
     send: int                   # M messages through the app port (0: no --send)
     send_rate: float            # messages a second, all children together (0: all at once)
     grace: float
-    app_host: str
+    app_host: str               # the manager's app port as given (for /stats, and messages) ...
+    app_addr: str               # ... and its IPv4 address (the Sender connects to it)
     app_port: int
 
 
@@ -438,24 +439,24 @@ class Report:
     # time; the rest count since the start.
     open: int = _merged(SUM)
     connecting: int = _merged(SUM)
-    opened: int = _merged(SUM)            # connects completed, re-polls included
-    ids_opened: int = _merged(SUM)    # ids open at least once
-    unstarted: int = _merged(SUM)      # ids not tried yet
+    opened: int = _merged(SUM)                  # connects completed, re-polls included
+    ids_opened: int = _merged(SUM)              # ids open at least once
+    unstarted: int = _merged(SUM)               # ids not tried yet
     retrying: int = _merged(SUM)
-    gave_up: int = _merged(SUM)          # ids answered 409 / 4xx: not polled again
-    failed: dict[str, int] = _merged(BY_KEY)      # by CAUSES
+    gave_up: int = _merged(SUM)                 # ids answered 409 / 4xx: not polled again
+    failed: dict[str, int] = _merged(BY_KEY)    # by CAUSES
     errnos: dict[str, int] = _merged(BY_KEY)
-    status: dict[str, int] = _merged(BY_KEY)      # answers by HTTP status
+    status: dict[str, int] = _merged(BY_KEY)    # answers by HTTP status
     per_source: list[int] = _merged(BY_POSITION)
     ramp_t0: float = _merged(EARLIEST)
     last_first_open_t: float = _merged(LATEST)
     # Messages: every 200 received, and with --send this child's share of the M.
     msgs: int = _merged(SUM)
-    other_msgs: int = _merged(SUM)    # not this run's (or not this child's)
+    other_msgs: int = _merged(SUM)              # not this run's (or not this child's)
     sent: int = _merged(SUM)
     received: int = _merged(SUM)
     dups: int = _merged(SUM)
-    unsendable: dict[str, int] = _merged(BY_KEY)     # by cause
+    unsendable: dict[str, int] = _merged(BY_KEY)  # by cause
     send_done: bool = _merged(ALL)
     last_recv_t: float = _merged(LATEST)
     sends_done_t: float = _merged(LATEST)
@@ -499,7 +500,7 @@ class Report:
         return functools.reduce(cls.merge, reports, cls(final=True, send_done=True))
 
     def to_json(self) -> dict:
-        d = asdict(self)    # deep-copies the histogram's fields: replaced by its JSON
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["hist"] = self.hist.to_json() if self.hist is not None else None
         return d
 
@@ -652,7 +653,8 @@ class Conn:
 
 
 class Child:
-    """One process's share of the ids: its epoll, its connections, its counters."""
+    """One process's share of the ids: its epoll, its connections, its counters, and with
+    --send its Sender."""
 
     def __init__(self, k: int, cfg: Config, lo: int, hi: int, ctrl_fd: int, report_fd: int):
         self.k = k
@@ -1022,10 +1024,9 @@ class Sender:
 
     def __init__(self, k: int, cfg: Config, ep: select.epoll):
         self.k, self.procs = k, cfg.procs
-        self.total = cfg.send
         self.share = len(range(k, cfg.send, cfg.procs))
         self.interval_ns = int(1e9 / cfg.send_rate) if cfg.send_rate else 0
-        self.app = (cfg.app_host, cfg.app_port)
+        self.app = (cfg.app_addr, cfg.app_port)
         self.connect_timeout = cfg.connect_timeout
         self.grace = cfg.grace
         self.ep = ep
@@ -1079,12 +1080,12 @@ class Sender:
     # -- the connection --------------------------------------------------------------------------
 
     def connect(self, now: float) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
+            self.sock = sock = socket.socket(socket.AF_INET,
+                                             socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             err = sock.connect_ex(self.app)
-        except OSError as e:
+        except OSError as e:       # EMFILE, ...: no socket to connect, as bad as a refusal
             err = e.errno
-        self.sock = sock
         if err not in (0, errno.EINPROGRESS):
             self.fail(app_cause(err), now)
             return
@@ -1145,8 +1146,9 @@ class Sender:
         self.out_base += len(self.out)
         self.out.clear()
         self.out_ends.clear()
-        self.sock.close()               # also leaves the epoll set
-        self.sock = None
+        if self.sock is not None:
+            self.sock.close()           # also leaves the epoll set
+            self.sock = None
         self.state = APP_DOWN
         self.cause = cause
         self.tries = min(self.tries + 1, 30)
@@ -1276,7 +1278,6 @@ def app_cause(err: int | None) -> str:
     if cause in (None, "other"):
         return errno.errorcode.get(err or 0, str(err))
     return cause
-
 
 
 def child_main(k: int, cfg: Config, lo: int, hi: int, ctrl_fd: int, report_fd: int) -> None:
@@ -1895,8 +1896,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"(1-128 of [A-Za-z0-9_~-])")
     try:
         addr = socket.gethostbyname(args.host)
+        app_addr = socket.gethostbyname(args.app_host)
     except OSError as e:
-        return fail(f"cannot resolve {args.host}: {e}")
+        return fail(f"cannot resolve {args.host} or --app-host {args.app_host}: {e}")
     workers = args.workers
     if workers is None:
         try:
@@ -1939,7 +1941,7 @@ def main(argv: list[str] | None = None) -> int:
                  sources=tuple(sources), rate=args.rate, hold=hold, max_time=args.max_time,
                  connect_timeout=args.connect_timeout, stall=args.stall, send=args.send,
                  send_rate=args.send_rate, grace=args.grace, app_host=args.app_host,
-                 app_port=args.app_port)
+                 app_addr=app_addr, app_port=args.app_port)
     parent = Parent(cfg, split_range(args.conns, procs))
 
     def on_signal(signum, frame):

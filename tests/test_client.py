@@ -230,7 +230,7 @@ def small_config(**kw) -> client.Config:
     base = dict(prefix="t", host="127.0.0.1", addr="127.0.0.1", loopback=True, conns=10,
                 workers=1, base_port=1, procs=1, sources=(), rate=0.0, hold=0.0, max_time=10.0,
                 connect_timeout=1.0, stall=1.0, send=0, send_rate=0.0, grace=0.0,
-                app_host="127.0.0.1", app_port=1)
+                app_host="127.0.0.1", app_addr="127.0.0.1", app_port=1)
     return client.Config(**{**base, **kw})
 
 
