@@ -734,6 +734,40 @@ def test_the_sender_reconnects_after_a_close_and_goes_on(manager_factory, tmp_pa
     assert f"{s['unsendable']} of 600 messages could not be sent" in output
 
 
+def test_a_full_outbox_closes_the_app_connection_and_nothing_taken_is_lost(manager_factory,
+                                                                             tmp_path):
+    """The manager's own refusal: worker 0 is stopped, so its outbox (--queue-bytes) fills
+    within the Sender's first write, and the manager closes the binary-frame connection at the
+    first frame it cannot take. The frames before it were taken and arrive once the worker is
+    back (none lost); the rest are unsendable, by cause."""
+    m = manager_factory("--queue-bytes", "20000", "--worker-timeout", "60")
+    pid0 = m.stats()["workers"][0]["pid"]
+    out = tmp_path / "s.json"
+    cmd = [*CLIENT, "q", "127.0.0.1", "--conns", "200", "--procs", "1", "--workers", "2",
+           "--send", "3000", "--send-rate", "0", "--grace", "2", "--max-time", "20",
+           "--base-port", str(m.base_port), "--app-port", str(m.app_port), "--json", str(out)]
+    os.kill(pid0, signal.SIGSTOP)   # its polls wait in the accept queue meanwhile
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    try:
+        try:
+            assert wait_for(lambda: m.stats()["manager"]["app_refused_full"] >= 1, 15)
+        finally:
+            os.kill(pid0, signal.SIGCONT)
+        output, _ = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 1, output
+    s = json.loads(out.read_text())
+    assert s["unsendable"] > 0 and set(s["unsendable_causes"]) <= {"closed", "reset"}, s
+    assert s["sent"] > 0 and s["sent"] + s["unsendable"] == 3000
+    assert s["received"] == s["sent"] and s["lost"] == 0 and s["duplicates"] == 0
+    assert s["sent"] == m.stats()["manager"]["messages_in"]
+    assert f"{s['unsendable']:,} of 3,000 messages could not be sent: the app port" in output
+
+
 def test_rate_paces_the_ramp(manager_factory, tmp_path):
     m = manager_factory()
     s, _ = run_client(m, "p", "127.0.0.1", "--conns", "600", "--procs", "2", "--rate", "300",
