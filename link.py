@@ -52,6 +52,12 @@ def encode(kind: bytes, id_: bytes, payload: bytes) -> bytes:
     return HEAD.pack(kind, len(id_), len(payload)) + id_ + payload
 
 
+def encode_msg(id_: bytes, message: bytes) -> bytes:
+    """encode(MSG, ...) for the message path, where the id and the size are checked already
+    (server.valid_id, --max-message)."""
+    return HEAD.pack(MSG, len(id_), len(message)) + id_ + message
+
+
 def decode(data: bytes) -> tuple[list, int]:
     """The whole frames at the start of `data`: ([(kind, id, payload, end), ...], bytes used).
     `end` is where each frame ends in `data`, so a reader can acknowledge frame by frame. A

@@ -50,7 +50,7 @@ from pathlib import Path
 import link
 import options
 import server
-from link import BEAT_NS, BROADCAST, LINK_DONE, MSG
+from link import BEAT_NS, BROADCAST, LINK_DONE
 from server import LINK_FD, LISTEN_FD, PAGE_FD, HTTPError, parse_request, valid_id
 from tuning.check import manager_capacity_line, raise_nofile
 
@@ -154,6 +154,9 @@ class Outbox:
       attach(link)    a worker is up: offsets restart at 0 on its new link, unsent is written;
       detach(done)    its process is dead (so `done` is final): what it had not acted on goes
                       back to the front of unsent, for its successor.
+    The Flow gate is closed by an outbox over `high` only while its worker is up: a worker
+    that is behind slows every publisher (it cannot tell whose message comes next), but one
+    that is down, or crash-looping, only has its own messages refused once `limit` is full.
     Frames are bytes shared with the other outboxes for a broadcast: no copies.
     """
 
@@ -174,12 +177,14 @@ class Outbox:
     def put(self, data: bytes) -> bool:
         if self.bytes + len(data) > self.limit:
             return False
-        self.unsent.append(data)
+        unsent = self.unsent
+        unsent.append(data)
         self.bytes += len(data)
-        if self.bytes > self.high:
-            self.flow.block(self.n)
         if self.link is not None:
-            self.flush_soon(self)
+            if self.bytes > self.high:
+                self.flow.block(self.n)
+            if len(unsent) == 1:  # the first of this loop pass
+                self.flush_soon(self)
         return True
 
     def flush(self) -> None:
@@ -203,7 +208,14 @@ class Outbox:
 
     def attach(self, transport) -> None:
         self.link, self.written = transport, 0
-        self.flush()
+        if self.bytes > self.high:
+            self.flow.block(self.n)
+        self.flush_soon(self)  # at the end of this loop pass, which also watches the acks
+
+    def link_lost(self) -> None:
+        """The link closed before the process was reaped: nothing is written until detach."""
+        self.link = None
+        self.flow.unblock(self.n)
 
     def detach(self, done: int) -> int:
         """Returns how many frames go back to be replayed."""
@@ -222,8 +234,9 @@ class Outbox:
         self.unacked.clear()
         self.unsent = replay + self.unsent
         self.link, self.written = None, 0
-        if self.bytes <= self.low:
-            self.flow.unblock(self.n)
+        # No worker, no reason to hold the other workers' publishers: this outbox fills up to
+        # its limit and then refuses, for this worker only, until a successor attaches.
+        self.flow.unblock(self.n)
         return len(replay)
 
 
@@ -274,7 +287,7 @@ class Link(asyncio.Protocol):
         slot = self.slot
         if slot.link is self:  # not a late call for a link that was replaced already
             slot.link = None
-            slot.outbox.link = None  # frames wait in the outbox; the reaper replays them
+            slot.outbox.link_lost()  # frames wait in the outbox; the reaper replays them
 
 
 class Supervisor:
@@ -401,6 +414,8 @@ class Supervisor:
             if slot.pid is None:
                 if slot.restart_at <= now:
                     self.spawn(slot)
+                    if slot.pid is None:  # posix_spawn failed: try again after a pause
+                        later.append(RESTART_PAUSE)
                 else:
                     later.append(slot.restart_at - now)
         if later:
@@ -524,29 +539,37 @@ class Supervisor:
 
 class Router:
     """send / broadcast for the AppServer: a message is accepted whole (into every outbox it
-    needs) or refused whole with the reason, never half-delivered."""
+    needs) or refused whole with the reason, never half-delivered. Nothing is accepted once
+    the manager is stopping: the links are closing, and it would be lost."""
 
-    def __init__(self, slots: list):
-        self.slots = slots
+    def __init__(self, supervisor: Supervisor):
+        self.supervisor = supervisor
+        self.slots = supervisor.slots
         self.messages_in = 0
         self.refused = 0  # messages refused because an outbox was full
 
-    def full(self, outbox: Outbox) -> str:
+    def full(self, outbox: Outbox, size: int) -> str:
         self.refused += 1
-        return (f"worker {outbox.n} is not keeping up ({outbox.bytes:,} bytes waiting for it, "
-                f"--queue-bytes {outbox.limit:,}): try again later")
+        if self.supervisor.stopping:
+            return "the server is shutting down: try again later"
+        if size > outbox.limit:
+            return (f"a message of {size:,} bytes can never fit worker {outbox.n}'s outbox "
+                    f"(--queue-bytes {outbox.limit:,})")
+        state = "up" if outbox.link is not None else "down, restarting"
+        return (f"worker {outbox.n} is not keeping up ({state}; {outbox.bytes:,} bytes waiting "
+                f"for it, --queue-bytes {outbox.limit:,}): try again later")
 
     def send(self, ids: list, message: bytes):
         """One message to one or more ids: None when accepted, else why not."""
         W = len(self.slots)
-        frames = [(self.slots[server.owner(i, W)].outbox, link.encode(MSG, i, message))
+        frames = [(self.slots[server.owner(i, W)].outbox, link.encode_msg(i, message))
                   for i in ids]
         need: dict = {}
         for outbox, data in frames:
             need[outbox] = need.get(outbox, 0) + len(data)
         for outbox, size in need.items():
-            if not outbox.room(size):
-                return self.full(outbox)
+            if not outbox.room(size) or self.supervisor.stopping:
+                return self.full(outbox, size)
         for outbox, data in frames:
             outbox.put(data)
         self.messages_in += len(frames)  # one per id: each copy is queued and counted apart
@@ -555,16 +578,17 @@ class Router:
     def send_one(self, id_: bytes, message: bytes):
         """The binary frames' fast path: one id, no lists."""
         outbox = self.slots[server.owner(id_, len(self.slots))].outbox
-        if not outbox.put(link.encode(MSG, id_, message)):
-            return self.full(outbox)
+        data = link.encode_msg(id_, message)
+        if self.supervisor.stopping or not outbox.put(data):
+            return self.full(outbox, len(data))
         self.messages_in += 1
         return None
 
     def broadcast(self, message: bytes):
         data = link.encode(BROADCAST, b"", message)
         for slot in self.slots:
-            if not slot.outbox.room(len(data)):
-                return self.full(slot.outbox)
+            if not slot.outbox.room(len(data)) or self.supervisor.stopping:
+                return self.full(slot.outbox, len(data))
         for slot in self.slots:
             slot.outbox.put(data)
         self.messages_in += 1
@@ -889,7 +913,7 @@ async def run(opts) -> int:
     flow = Flow()
     supervisor = Supervisor(opts, flow)
     supervisor.open_ports()
-    router = Router(supervisor.slots)
+    router = Router(supervisor)
     app = AppServer(opts, router, supervisor, flow)
     try:
         server_ = await asyncio.start_server(app.app_connection, opts.app_host, opts.app_port,

@@ -48,6 +48,11 @@ def test_arbitrary_bytes_decode_or_raise_link_error(data):
     assert all(k in link.KINDS for k, *_ in frames)
 
 
+@given(st.binary(max_size=128), payloads)
+def test_the_message_path_encodes_as_encode_does(id_, message):
+    assert link.encode_msg(id_, message) == link.encode(MSG, id_, message)
+
+
 def test_encode_refuses_what_is_not_a_frame():
     for bad in ((b"X", b"a", b""), (MSG, b"a" * 256, b"")):
         with pytest.raises(ValueError):
@@ -170,4 +175,27 @@ def test_a_frame_half_read_by_a_dead_worker_is_replayed_whole():
     assert box.detach(done) == 2
     second = FakeLink()
     box.attach(second)
+    box.flush()  # at the end of the loop pass
     assert second.data == frames[1] + frames[2]
+
+
+def test_a_down_worker_never_holds_the_gate_it_refuses_past_its_limit():
+    """A worker behind closes the gate for every publisher; a dead or crash-looping one must
+    not: its outbox fills to its limit and refuses, and the other workers go on."""
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    flow = Flow()
+    box = Outbox(0, 10_000, flow)
+    box.flush_soon = lambda _box: None
+    box.attach(FakeLink())
+    frame = link.encode(MSG, b"id", b"x" * 990)
+    while box.put(frame) and box.link is not None:
+        if not flow.open.is_set():
+            break
+    assert not flow.open.is_set()  # up and behind: the gate is closed
+    box.detach(0)  # it died: the gate opens, its frames wait for a successor
+    assert flow.open.is_set() and box.bytes > box.high
+    while box.put(frame):
+        pass
+    assert flow.open.is_set() and box.bytes <= box.limit
+    box.attach(FakeLink())  # the successor is up, and behind: the gate closes again
+    assert not flow.open.is_set()
