@@ -642,6 +642,10 @@ class AppServer:
                 self.app_error(writer, f"unknown protocol (first byte 0x{first:02x})")
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # Only at shutdown, for connections still open. Ending the task normally: on 3.11
+            # a cancelled one makes asyncio's streams print a traceback for each.
+            pass
         except Exception as e:  # a bug shown in one line, never a silent dead connection
             self.app_error(writer, f"internal error {e!r}")
         finally:

@@ -5,6 +5,7 @@ test without changing the box (fs.epoll.max_user_watches, a huge RLIMIT_NOFILE) 
 into a real Worker run in a thread, on real sockets.
 """
 
+import asyncio
 import errno
 import json
 import os
@@ -18,7 +19,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port_block
 from test_comet import (
     answer,
     connect,
@@ -37,6 +38,7 @@ from test_comet import (
 from test_manager import alive, worker_pids
 
 import link
+import manager
 import server
 
 # ---------------------------------------------------------------------------------------------
@@ -325,22 +327,38 @@ def test_a_full_outbox_refuses_publishes_with_a_clear_error(manager_factory):
     assert m.stats()["manager"]["messages_in"] == len(taken)
 
 
-def test_publishes_after_sigterm_are_refused_not_lost(manager_factory):
-    m = manager_factory()
-    pid0 = worker_pids(m)[0]
-    id_ = id_for(0, "late")
-    pub = socket.create_connection(("127.0.0.1", m.app_port), timeout=5)
-    assert http_publish(pub, id_, b"early")[0] == 202
-    os.kill(pid0, signal.SIGSTOP)  # the shutdown waits for it: the app port is still open
-    try:
-        m.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        status, body = http_publish(pub, id_, b"late")
-    finally:
-        os.kill(pid0, signal.SIGCONT)
-        pub.close()
-    assert status == 503 and b"shutting down" in body
+def test_publishes_after_sigterm_are_refused_not_lost():
+    """From SIGTERM on the links are closing: a message accepted then would be lost."""
+    opts = manager.parse_args(["--host", "127.0.0.1", "--workers", "2", "--base-port",
+                               str(free_port_block(2)), "--status-interval", "0"])
+
+    async def go():
+        sup = manager.Supervisor(opts, manager.Flow())
+        sup.open_ports()
+        router = manager.Router(sup)
+        assert router.send_one(b"a", b"before") is None
+        sup.stopping = True  # what stop() sets first
+        refused = [router.send_one(b"a", b"late"), router.send([b"a", b"b"], b"late"),
+                   router.broadcast(b"late")]
+        for slot in sup.slots:
+            slot.listener.close()
+        return refused, router.messages_in
+
+    refused, messages_in = asyncio.run(go())
+    assert all(r and "shutting down" in r for r in refused) and messages_in == 1
+
+
+def test_app_connections_open_at_shutdown_end_quietly(manager):
+    m = manager
+    idle = [socket.create_connection(("127.0.0.1", m.app_port), timeout=5) for _ in range(3)]
+    idle[0].sendall(b"{")  # JSON lines, waiting for a line
+    idle[1].sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive, answered
+    idle[2].sendall(b"\x02a")  # half a binary frame
+    time.sleep(0.3)
     assert m.stop() == 0
+    for s in idle:
+        s.close()
+    assert "Traceback" not in m.output, m.output
 
 
 def test_a_failed_spawn_is_retried(monkeypatch):
