@@ -39,6 +39,7 @@ import asyncio
 import fcntl
 import hmac
 import json
+import math
 import os
 import signal
 import socket
@@ -100,6 +101,25 @@ def http_reply(status: int, body: dict, keep: bool, extra: bytes = b"") -> bytes
 
 
 ACCEPTED_KEEP = http_reply(202, {"ok": True}, True)  # the answer to nearly every publish
+JSON_NUMBER_DIGITS = 100  # no field of ours is a number; a longer one is an attack on int()
+
+
+# JSON as RFC 8259 has it: Python's json also takes NaN, Infinity and numbers that overflow.
+def json_no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or len(text) > JSON_NUMBER_DIGITS:
+        raise ValueError(f"number {text[:24]} is out of range")
+    return value
+
+
+def json_int(text: str) -> int:
+    if len(text) > JSON_NUMBER_DIGITS:
+        raise ValueError(f"a number of {len(text):,} digits is out of range")
+    return int(text)
 
 
 def high_dup(fd: int) -> int:
@@ -636,7 +656,7 @@ class AppServer:
                     self.app_error(writer, "binary frames refused: --app-token is set")
             elif first == ord("{"):
                 await self.serve_json_lines(reader, writer, data)
-            elif chr(first).isalpha():
+            elif 65 <= first <= 90 or 97 <= first <= 122:  # an ASCII letter, as SPEC says
                 await self.serve_http(reader, writer, data)
             else:
                 self.app_error(writer, f"unknown protocol (first byte 0x{first:02x})")
@@ -728,9 +748,16 @@ class AppServer:
             self.app_rejected += 1
             return {"ok": False, "error": why}, authed
         try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            return no(f"invalid JSON: {str(e)[:200]}")
+            obj = json.loads(line, parse_constant=json_no_constant, parse_float=json_float,
+                             parse_int=json_int)
+        except json.JSONDecodeError as e:
+            return no(f"invalid JSON at byte {e.pos}: {e.msg}")
+        except UnicodeDecodeError:
+            return no("invalid JSON: the line is not UTF-8")
+        except RecursionError:
+            return no("invalid JSON: nested too deep")
+        except ValueError as e:  # from the three checks above
+            return no(f"invalid JSON: {e}")
         if not isinstance(obj, dict):
             return no("each line must be a JSON object")
         if "auth" in obj:

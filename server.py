@@ -135,8 +135,12 @@ CLOSE_CAUSES = {errno.ETIMEDOUT: CLOSED_TIMED_OUT, errno.ECONNRESET: CLOSED_RESE
                 errno.EPIPE: CLOSED_RESET}
 ID_RE = re.compile(rb"[A-Za-z0-9_~-]{1,128}")
 CALLBACK_RE = re.compile(rb"[A-Za-z_$][A-Za-z0-9_$.]{0,63}")
-HOST_RE = re.compile(rb"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
-TARGET_RE = re.compile(rb"/[\x21-\x7e]*")
+# Host: RFC 3986's host (an IP literal, or a reg-name of unreserved, %-escapes and sub-delims)
+# and an optional port. Nothing else reaches a 307's Location: no controls, no spaces, no 8-bit.
+HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]{0,5})?")
+TARGET_RE = re.compile(rb"[\x21-\x7e]+")  # visible ASCII (RFC 9112 3.2)
+ABSOLUTE_RE = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?#]*)(/[^#]*)?")  # absolute-form
+LENGTH_DIGITS = 19  # a poll's Content-Length: digits only, 19 of them at most (int64)
 TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 # Connection states that are not "waiting on an id" (a waiting fd's state is its id, bytes).
@@ -196,12 +200,16 @@ def parse_request(buf: bytes, scanned: int = 0, limit: int = MAX_HEAD):
 
     Returns (Request, bytes used) when the head is whole, or (None, scanned) when more bytes
     are needed: pass that `scanned` back next time, so the search for the blank line covers
-    only new bytes. Raises HTTPError for anything we refuse. Bare LF line ends are accepted,
-    as picohttpparser and nginx do.
+    only new bytes. Raises HTTPError for anything we refuse. RFC 9112, with its robustness
+    allowances: bare LF line ends (as picohttpparser and nginx), empty lines before the
+    request line (2.2), the absolute form of the target (3.2.2, its authority then is the
+    Host). A bare CR is refused (2.2), so is a Host that is not a host (3.2).
     """
-    if buf and not (65 <= buf[0] <= 90):
-        # A method starts with an upper-case letter; anything else (0x16, a TLS hello) is
-        # refused now rather than after the header timeout.
+    if buf and not (65 <= buf[0] <= 90 or 97 <= buf[0] <= 122):
+        if buf[0] == 13 or buf[0] == 10:
+            return parse_after_empty_lines(buf, scanned, limit)
+        # A method starts with a letter; anything else (0x16, a TLS hello) is refused now
+        # rather than after the header timeout. A lower-case one is a method we do not serve.
         raise HTTPError(400, "not an HTTP request")
     start = max(0, scanned - 3)
     # Bounded: a buffer of pipelined requests must not be scanned past one head's limit.
@@ -218,7 +226,9 @@ def parse_request(buf: bytes, scanned: int = 0, limit: int = MAX_HEAD):
     if used > limit:
         raise HTTPError(431, f"request head over {limit} bytes")
     lines = buf[:used].split(b"\n")
-    line = lines[0].rstrip(b"\r")
+    line = lines[0].removesuffix(b"\r")  # one CR: a second one is a bare CR
+    if b"\r" in line:
+        raise HTTPError(400, "bare CR in the request line")
     parts = line.split(b" ")
     if len(parts) != 3:
         raise HTTPError(400, "malformed request line")
@@ -230,11 +240,16 @@ def parse_request(buf: bytes, scanned: int = 0, limit: int = MAX_HEAD):
     if TARGET_RE.fullmatch(target) is None:
         # Visible ASCII only (RFC 9112 3.2): the target is echoed into a 307's Location.
         raise HTTPError(400, "request target must be a path of visible ASCII")
+    authority = None
+    if target[0] != 47:  # not "/": the absolute form, http://host/path
+        absolute = ABSOLUTE_RE.fullmatch(target)
+        if absolute is None or HOST_RE.fullmatch(absolute[1]) is None:
+            raise HTTPError(400, "request target must be a path or an http:// URL")
+        authority, target = absolute[1], absolute[2] or b"/"
     path, _, query = target.partition(b"?")
     headers = {}
     for raw in lines[1:-2]:
-        raw = raw.rstrip(b"\r")
-        name, colon, value = raw.partition(b":")
+        name, colon, value = raw.removesuffix(b"\r").partition(b":")
         if not colon or TOKEN_RE.fullmatch(name) is None:
             raise HTTPError(400, "malformed header line")
         value = value.strip(b" \t")
@@ -246,7 +261,33 @@ def parse_request(buf: bytes, scanned: int = 0, limit: int = MAX_HEAD):
                 raise HTTPError(400, "repeated " + name.decode() + " header")
             value = headers[name] + b", " + value
         headers[name] = value
+    if authority is not None:
+        headers[b"host"] = authority  # RFC 9112 3.2.2: the target's authority wins
+    elif b"host" in headers and HOST_RE.fullmatch(headers[b"host"]) is None:
+        raise HTTPError(400, "invalid Host header")
     return Request(method, path, query, version, headers), used
+
+
+def parse_after_empty_lines(buf: bytes, scanned: int, limit: int):
+    """The request behind empty lines (RFC 9112 2.2: a server ignores at least one); they
+    count against the head limit."""
+    pos = 0
+    while True:
+        if buf.startswith(b"\r\n", pos):
+            pos += 2
+        elif buf.startswith(b"\n", pos):
+            pos += 1
+        else:
+            break
+    if pos > limit:
+        raise HTTPError(431, f"request head over {limit} bytes")
+    rest = buf[pos:]
+    if rest[:1] == b"\r":
+        if len(rest) == 1:
+            return None, len(buf)  # the CR of a CRLF, or a bare one: the next byte says
+        raise HTTPError(400, "bare CR before the request line")
+    req, used = parse_request(rest, max(0, scanned - pos), limit - pos)
+    return req, used + pos
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,10 +319,8 @@ def jsonp_body(callback: bytes, message: bytes) -> bytes:
 def location(req: Request, port: int, fd: int) -> bytes:
     """The same URL on another port, on the host the client asked for (without a Host
     header: the address it connected to)."""
-    host = req.headers.get(b"host")
+    host = req.headers.get(b"host")  # checked by the parser (HOST_RE)
     if host:
-        if HOST_RE.fullmatch(host) is None:
-            raise HTTPError(400, "invalid Host header")
         host = host[: host.index(b"]") + 1] if host.startswith(b"[") else host.split(b":")[0]
     else:
         sock = socket.socket(fileno=fd)
@@ -624,6 +663,15 @@ class Worker:
     def handle(self, fd: int, req: Request, fresh: bool, linger: bool = False) -> None:
         """Route one whole request: answer it now, or make the connection wait."""
         self.state[fd] = WRITING
+        headers = req.headers
+        if b"transfer-encoding" in headers or (b"content-length" in headers and not (
+                headers[b"content-length"].isdigit() and
+                len(headers[b"content-length"]) <= LENGTH_DIGITS)):
+            # RFC 9112 6.3: a body whose length cannot be known is refused; nothing here
+            # reads a body, so a chunked one could only be misread as the next request.
+            self.refuse(fd, HTTPError(400, "invalid Content-Length, or a Transfer-Encoding: "
+                                           "a poll has no body"))
+            return
         if req.method != b"GET":
             if req.method == b"OPTIONS":
                 allow = req.headers.get(b"access-control-request-headers", b"*")

@@ -584,3 +584,43 @@ def test_json_line_over_the_limit_is_answered_and_closed(manager_factory, lines_
     assert c.reply() == {"ok": False, "error": "line too long"}
     assert closed_by_server(c.s)
     assert manager_stats(m)["app_rejected"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Input strictness on the app port
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", [0xAA, 0xB5, 0xBA, 0xC0, 0xE9, 0xFF])
+def test_a_non_ascii_letter_is_no_protocol(manager, first):
+    """`str.isalpha()` takes ª, µ, º and most of Latin-1 for letters; SPEC says ASCII."""
+    m = manager
+    with app_connect(m) as s:
+        s.sendall(bytes([first]) + b"OST /send/a1 HTTP/1.1\r\nContent-Length: 1\r\n\r\nx")
+        assert closed_by_server(s)
+    assert manager_stats(m)["messages_in"] == 0
+
+
+@pytest.mark.parametrize(("line", "said"), [
+    ('{"id": "a1", "message": "m", "n": NaN}', "NaN is not a JSON value"),
+    ('{"id": "a1", "message": "m", "n": -Infinity}', "-Infinity is not a JSON value"),
+    ('{"id": "a1", "message": "m", "n": 1e999999}', "out of range"),
+    ('{"id": "a1", "message": "m", "n": ' + "9" * 5000 + "}", "5,000 digits is out of range"),
+    ('{"n": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deep"),
+    ('{"id": "a1", "message": "m",}', "invalid JSON at byte"),
+])
+def test_json_that_is_not_standard_json_is_refused_in_our_words(manager, lines_factory, line,
+                                                                  said):
+    c = lines_factory(manager)
+    reply = c.ask(line)
+    assert reply["ok"] is False and said in reply["error"], reply
+    for python_words in ("sys.set_int_max_str_digits", "recursion", "Exceeds the limit"):
+        assert python_words not in reply["error"]
+    assert c.ask({"id": "a1", "message": "still fine"}) == {"ok": True}
+
+
+def test_json_that_is_not_utf8_is_refused_in_our_words(manager, lines_factory):
+    c = lines_factory(manager)
+    c.send_raw(b'{"id": "a1", "message": "\xff\xfe"}\n')
+    reply = c.reply()
+    assert reply == {"ok": False, "error": "invalid JSON: the line is not UTF-8"}

@@ -462,6 +462,19 @@ ERRORS = [
     (405, b"PUT /a0.js HTTP/1.1\r\nHost: h\r\n\r\n"),
     (431, b"GET /a0.js HTTP/1.1\r\nHost: h\r\nX-Big: " + b"x" * 9000 + b"\r\n\r\n"),
     (431, b"GET /a0.js HTTP/1.1\r\nHost: h\r\nX-Big: " + b"x" * 9000),
+    # Input strictness (RFC 9110/9112): methods are case-sensitive, a body whose length
+    # cannot be known is refused, a Host is a host everywhere, a bare CR is no line end.
+    (405, b"get /a0.js HTTP/1.1\r\nHost: h\r\n\r\n"),
+    (405, b"Get /a0.js HTTP/1.1\r\nHost: h\r\n\r\n"),
+    (400, b"GET /a0.js HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n"),
+    (400, b"GET /a0.js HTTP/1.1\r\nHost: h\r\nContent-Length: abc\r\n\r\n"),
+    (400, b"GET /a0.js HTTP/1.1\r\nHost: h\r\nContent-Length: 1, 2\r\n\r\n"),
+    (400, b"GET /a0.js HTTP/1.1\r\nHost: h\r\nContent-Length: " + b"9" * 23 + b"\r\n\r\n"),
+    (400, b"GET /a0.js HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    (400, b"GET /a0.js HTTP/1.1\r\nHost: h\x01x\r\n\r\n"),
+    (400, b"GET /a0.js HTTP/1.1\r\nHost: h\xc3\xa9\r\n\r\n"),
+    (400, b"GET /a0.js HTTP/1.1\r\r\nHost: h\r\n\r\n"),
+    (400, b"GET /a0.js HTTP/1.1\r\nHost: h\r\r\n\r\n"),
 ]
 
 
@@ -560,7 +573,7 @@ def test_tls_client_hello_gets_400_at_once(manager):
         status = parse(read_all(s, timeout=3))[0]
         elapsed = time.monotonic() - t0
     assert status == 400
-    assert elapsed < 1.0, elapsed
+    assert elapsed < 5.0, elapsed  # at once, not after --header-timeout (10 s); loose for busy CI
 
 
 def test_tls_first_byte_alone_gets_400(manager):
@@ -736,7 +749,7 @@ def test_control_bytes_in_the_target_are_400(manager, target):
     """The target is echoed into a 307's Location: only visible ASCII is taken."""
     status, _, _, body = exchange(manager.base_port + 1,
                                   b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
-    assert status == 400 and b"visible ASCII" in body
+    assert status == 400 and (b"visible ASCII" in body or b"bare CR" in body)
 
 
 def test_bytes_after_an_answered_request_do_not_reset_the_answer(manager):
@@ -754,3 +767,36 @@ def test_redirect_with_an_invalid_host_header_is_400(manager):
     status, _, _, body = exchange(manager.base_port,
                                   f"GET /{id_}.js HTTP/1.1\r\nHost: evil.example/x\r\n\r\n")
     assert status == 400 and b"Host" in body
+
+
+def test_strict_but_robust_requests_are_served(manager):
+    """What RFC 9112 asks a server to take: empty lines before the request line (2.2) and the
+    absolute form of the target (3.2.2), whose authority is then the Host a 307 uses."""
+    m = manager
+    id0, id1 = id_for(0, "rb"), id_for(1, "rb")
+    s = connect(m.port_for(id0))
+    s.sendall(f"\r\n\r\nGET /{id0}.js HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    wait_waiting(m, 1)
+    send(m, id0, b"after empty lines")
+    assert answer(s)[3] == b"after empty lines"
+    status, _, headers, _ = exchange(
+        m.port_for(id0), f"GET http://127.0.0.1/{id1}.js?x=1 HTTP/1.1\r\nHost: other\r\n\r\n")
+    assert status == 307
+    assert headers["location"] == f"http://127.0.0.1:{m.port_for(id1)}/{id1}.js?x=1"
+    s = connect(m.port_for(id1))
+    s.sendall(f"GET http://127.0.0.1:{m.port_for(id1)}/{id1}.js HTTP/1.1\r\n\r\n".encode())
+    wait_waiting(m, 1)
+    send(m, id1, b"absolute")
+    assert answer(s)[3] == b"absolute"
+
+
+def test_a_poll_with_a_valid_content_length_still_waits(manager):
+    m = manager
+    id_ = id_for(0, "cl")
+    s = start_poll(m.port_for(id_), id_)  # no body: the common case
+    s.close()
+    s = connect(m.port_for(id_))
+    s.sendall(f"GET /{id_}.js HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+    assert still_waiting(s)
+    send(m, id_, b"cl0")
+    assert answer(s)[3] == b"cl0"

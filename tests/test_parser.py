@@ -88,9 +88,61 @@ def test_tls_client_hello_refused_at_once(n):
     assert status_of(hello[:n]) == 400
 
 
-@pytest.mark.parametrize("first", [b"\x00", b"\x80", b" ", b"g", b"\r", b"\n", b"{"])
+@pytest.mark.parametrize("first", [b"\x00", b"\x80", b" ", b"{", b"1", b"\rx", b"\r\n\x16"])
 def test_non_method_first_byte_refused_at_once(first):
     assert status_of(first) == 400
+
+
+def test_a_lower_case_method_is_a_method():
+    """Methods are case-sensitive tokens (RFC 9110 9.1): `get` is not GET, and the worker
+    answers it 405 like any method it does not serve."""
+    req, _ = parse(b"get /a.js HTTP/1.1\r\n\r\n")
+    assert req.method == b"get"
+
+
+@pytest.mark.parametrize("lead", [b"\r\n", b"\n", b"\r\n\r\n", b"\n\r\n"])
+def test_empty_lines_before_the_request_line_are_ignored(lead):
+    req, used = parse(lead + SIMPLE)
+    assert req.path == b"/alice.js" and used == len(lead) + len(SIMPLE)
+    assert parse(lead) == (None, len(lead))
+    assert parse(lead + b"\r") == (None, len(lead) + 1)
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /a.js HTTP/1.1\r\r\n\r\n",              # CR CR LF: one CR is a bare one
+    b"GET /a.js\rHTTP/1.1\r\n\r\n",
+    b"GET /a.js HTTP/1.1\r\nHost: h\r\r\n\r\n",
+    b"GET /a.js HTTP/1.1\r\nX\r: y\r\n\r\n",
+    b"\rGET /a.js HTTP/1.1\r\n\r\n",
+])
+def test_a_bare_cr_is_400(raw):
+    assert status_of(raw) == 400
+
+
+@pytest.mark.parametrize(("target", "host", "path", "query"), [
+    (b"http://h/a.js", b"h", b"/a.js", b""),
+    (b"http://example.com:8001/a.js?callback=f", b"example.com:8001", b"/a.js", b"callback=f"),
+    (b"HTTPS://[::1]:8000/a.js", b"[::1]:8000", b"/a.js", b""),
+    (b"http://h", b"h", b"/", b""),
+])
+def test_the_absolute_form_is_accepted_and_its_authority_is_the_host(target, host, path, query):
+    req, _ = parse(b"GET " + target + b" HTTP/1.1\r\nHost: other\r\n\r\n")
+    assert (req.headers[b"host"], req.path, req.query) == (host, path, query)
+
+
+@pytest.mark.parametrize("host", [b"a b", b"h\x01", b"h\xc3\xa9", b"h/x", b"h@x", b"h:80x",
+                                  b"[zz]", b"h\x7f"])
+def test_a_host_that_is_not_a_host_is_400(host):
+    assert status_of(b"GET /a.js HTTP/1.1\r\nHost: " + host + b"\r\n\r\n") == 400
+    if b"/" not in host:  # in the absolute form that would end the authority
+        assert status_of(b"GET http://" + host + b"/a.js HTTP/1.1\r\n\r\n") == 400
+
+
+@pytest.mark.parametrize("host", [b"example.com", b"h:8000", b"[::1]:8000", b"10.0.0.1",
+                                  b"my_host.local", b"", b"xn--bcher-kva.example"])
+def test_hosts_that_are_hosts_pass(host):
+    req, _ = parse(b"GET /a.js HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert req.headers[b"host"] == host
 
 
 def test_head_over_limit_without_terminator_is_431():
@@ -150,7 +202,8 @@ def test_custom_limit():
     b"GET /a.js HTTP/1.2\r\n\r\n",
     b"GET /a.js http/1.1\r\n\r\n",
     b"GET a.js HTTP/1.1\r\n\r\n",                # target not a path
-    b"GET http://h/a.js HTTP/1.1\r\n\r\n",
+    b"GET ftp://h/a.js HTTP/1.1\r\n\r\n",
+    b"GET * HTTP/1.1\r\n\r\n",
     b"G(T /a.js HTTP/1.1\r\n\r\n",               # bad method token
     b"GET /a.js HTTP/1.1\r\nNoColon\r\n\r\n",
     b"GET /a.js HTTP/1.1\r\nHost : h\r\n\r\n",   # space before colon
@@ -177,15 +230,20 @@ values = st.text(st.sampled_from("abc xyz0123:/;=.,*"), max_size=30).map(str.str
 
 @st.composite
 def requests(draw):
-    method = draw(st.sampled_from(["GET", "OPTIONS", "POST", "HEAD"]))
+    method = draw(st.sampled_from(["GET", "OPTIONS", "POST", "HEAD", "get"]))
     path = "/" + draw(st.text(st.sampled_from("abcxyz019_~-"), min_size=0, max_size=20)) + ".js"
     query = draw(st.one_of(st.just(""), st.text(st.sampled_from("abc=&;019"), max_size=20)))
     version = draw(st.sampled_from(["HTTP/1.0", "HTTP/1.1"]))
     nl = draw(st.sampled_from(["\r\n", "\n"]))
+    lead = draw(st.sampled_from(["", "\r\n", "\n", "\r\n\r\n"]))  # RFC 9112 2.2
     headers = draw(st.dictionaries(names.map(str.lower), values, max_size=6))
+    authority = draw(st.sampled_from([None, "h", "example.com:8001", "[::1]"]))
     target = path + ("?" + query if query else "")
-    head = f"{method} {target} {version}{nl}"
-    head += "".join(f"{k}: {v}{nl}" for k, v in headers.items())
+    if authority is not None:  # the absolute form: its authority is the Host
+        target = f"http://{authority}{target}"
+        headers = {**headers, "host": authority}
+    head = f"{lead}{method} {target} {version}{nl}"
+    head += "".join(f"{k}: {v}{nl}" for k, v in headers.items() if k != "host")
     head += nl
     return head.encode(), headers
 
