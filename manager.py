@@ -751,7 +751,7 @@ class AppServer:
             obj = json.loads(line, parse_constant=json_no_constant, parse_float=json_float,
                              parse_int=json_int)
         except json.JSONDecodeError as e:
-            return no(f"invalid JSON at byte {e.pos}: {e.msg}")
+            return no(f"invalid JSON at character {e.pos}: {e.msg}")
         except UnicodeDecodeError:
             return no("invalid JSON: the line is not UTF-8")
         except RecursionError:

@@ -137,9 +137,12 @@ ID_RE = re.compile(rb"[A-Za-z0-9_~-]{1,128}")
 CALLBACK_RE = re.compile(rb"[A-Za-z_$][A-Za-z0-9_$.]{0,63}")
 # Host: RFC 3986's host (an IP literal, or a reg-name of unreserved, %-escapes and sub-delims)
 # and an optional port. Nothing else reaches a 307's Location: no controls, no spaces, no 8-bit.
-HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]{0,5})?")
+HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)"
+                     rb"(?::[0-9]{0,5})?")
 TARGET_RE = re.compile(rb"[\x21-\x7e]+")  # visible ASCII (RFC 9112 3.2)
 ABSOLUTE_RE = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?#]*)(/[^#]*)?")  # absolute-form
+EMPTY_LINES_MAX = 8  # bytes of empty lines taken before a request line (RFC 9112 2.2: at least
+# one); more is refused, as walking them again on each read of a slow client costs quadratic CPU
 LENGTH_DIGITS = 19  # a poll's Content-Length: digits only, 19 of them at most (int64)
 TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -263,8 +266,8 @@ def parse_request(buf: bytes, scanned: int = 0, limit: int = MAX_HEAD):
         headers[name] = value
     if authority is not None:
         headers[b"host"] = authority  # RFC 9112 3.2.2: the target's authority wins
-    elif b"host" in headers and HOST_RE.fullmatch(headers[b"host"]) is None:
-        raise HTTPError(400, "invalid Host header")
+    elif headers.get(b"host") and HOST_RE.fullmatch(headers[b"host"]) is None:
+        raise HTTPError(400, "invalid Host header")  # an empty one is allowed (RFC 9112 3.2)
     return Request(method, path, query, version, headers), used
 
 
@@ -272,15 +275,15 @@ def parse_after_empty_lines(buf: bytes, scanned: int, limit: int):
     """The request behind empty lines (RFC 9112 2.2: a server ignores at least one); they
     count against the head limit."""
     pos = 0
-    while True:
+    while pos <= EMPTY_LINES_MAX:
         if buf.startswith(b"\r\n", pos):
             pos += 2
         elif buf.startswith(b"\n", pos):
             pos += 1
         else:
             break
-    if pos > limit:
-        raise HTTPError(431, f"request head over {limit} bytes")
+    if pos > EMPTY_LINES_MAX:
+        raise HTTPError(400, "too many empty lines before the request line")
     rest = buf[pos:]
     if rest[:1] == b"\r":
         if len(rest) == 1:

@@ -607,7 +607,7 @@ def test_a_non_ascii_letter_is_no_protocol(manager, first):
     ('{"id": "a1", "message": "m", "n": 1e999999}', "out of range"),
     ('{"id": "a1", "message": "m", "n": ' + "9" * 5000 + "}", "5,000 digits is out of range"),
     ('{"n": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deep"),
-    ('{"id": "a1", "message": "m",}', "invalid JSON at byte"),
+    ('{"id": "a1", "message": "m",}', "invalid JSON at character"),
 ])
 def test_json_that_is_not_standard_json_is_refused_in_our_words(manager, lines_factory, line,
                                                                   said):

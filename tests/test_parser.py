@@ -100,6 +100,13 @@ def test_a_lower_case_method_is_a_method():
     assert req.method == b"get"
 
 
+def test_a_flood_of_empty_lines_is_refused():
+    """Each read of a slow client would walk them again: quadratic CPU for nothing."""
+    assert status_of(b"\n" * 9) == 400
+    assert status_of(b"\r\n" * 5 + SIMPLE) == 400
+    assert parse(b"\r\n" * 4 + SIMPLE)[0].path == b"/alice.js"
+
+
 @pytest.mark.parametrize("lead", [b"\r\n", b"\n", b"\r\n\r\n", b"\n\r\n"])
 def test_empty_lines_before_the_request_line_are_ignored(lead):
     req, used = parse(lead + SIMPLE)
@@ -131,7 +138,7 @@ def test_the_absolute_form_is_accepted_and_its_authority_is_the_host(target, hos
 
 
 @pytest.mark.parametrize("host", [b"a b", b"h\x01", b"h\xc3\xa9", b"h/x", b"h@x", b"h:80x",
-                                  b"[zz]", b"h\x7f"])
+                                  b"[zz]", b"h\x7f", b":80", b":", b"%", b"%zz", b"h%4"])
 def test_a_host_that_is_not_a_host_is_400(host):
     assert status_of(b"GET /a.js HTTP/1.1\r\nHost: " + host + b"\r\n\r\n") == 400
     if b"/" not in host:  # in the absolute form that would end the authority
@@ -139,7 +146,8 @@ def test_a_host_that_is_not_a_host_is_400(host):
 
 
 @pytest.mark.parametrize("host", [b"example.com", b"h:8000", b"[::1]:8000", b"10.0.0.1",
-                                  b"my_host.local", b"", b"xn--bcher-kva.example"])
+                                  b"my_host.local", b"", b"xn--bcher-kva.example", b"h%41",
+                                  b"h.", b"H:"])
 def test_hosts_that_are_hosts_pass(host):
     req, _ = parse(b"GET /a.js HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
     assert req.headers[b"host"] == host
