@@ -180,8 +180,9 @@ class Outbox:
     Frames are bytes shared with the other outboxes for a broadcast: no copies.
     """
 
-    def __init__(self, n: int, limit: int, flow: Flow):
+    def __init__(self, n: int, limit: int, flow: Flow, flush_soon):
         self.n, self.limit, self.flow = n, limit, flow
+        self.flush_soon = flush_soon  # schedules flush() once, at the end of this loop pass
         self.high = min(FLOW_HIGH, limit // 2)
         self.low = min(FLOW_LOW, self.high // 4)
         self.link = None  # the transport of the live link, or None
@@ -189,7 +190,6 @@ class Outbox:
         self.unacked: deque = deque()  # (end offset, [frames])
         self.unsent: list = []
         self.bytes = 0
-        self.flush_soon = None  # a callback that schedules flush() once per loop pass
 
     def room(self, size: int) -> bool:
         return self.bytes + size <= self.limit
@@ -334,8 +334,7 @@ class Supervisor:
             except OSError as e:
                 sys.exit(f"megacomet: cannot listen on {o.host}:{port}: {e.strerror}; "
                          "is another server running there? (--host, --base-port)")
-            outbox = Outbox(n, o.queue_bytes, self.flow)
-            outbox.flush_soon = self.flush_soon
+            outbox = Outbox(n, o.queue_bytes, self.flow, self.flush_soon)
             self.slots.append(Slot(n, self.cpus[n % len(self.cpus)], port, listener, outbox))
 
     def worker_argv(self, n: int) -> list:

@@ -9,47 +9,37 @@ import argparse
 import math
 
 
-def _number(kind, text: str):
+def _number(kind, text: str, ok, must: str):
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
     return value
 
 
 def positive_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
-    return value
+    return _number(int, text, lambda v: v >= 1, "1 or more")
 
 
 def positive_float(text: str) -> float:
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
+    return _number(float, text, lambda v: v > 0, "more than 0")
 
 
 def non_negative(text: str) -> float:
     """A duration or rate where 0 means off (or "at once")."""
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+    return _number(float, text, lambda v: v >= 0, "0 or more")
 
 
 def non_negative_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+    return _number(int, text, lambda v: v >= 0, "0 or more")
 
 
 def port(text: str) -> int:
-    value = _number(int, text)
+    value = _number(int, text, lambda v: True, "")
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"not a port (1-65535): {text}")
     return value

@@ -967,7 +967,7 @@ class Soak:
                 time.sleep(0.5)
                 continue
             if (all(w["up"] for w in s["workers"]) and s["totals"]["queued_messages"] == 0
-                    and s["manager"].get("held_messages", 0) == 0):
+                    and s["manager"]["outbox_messages"] == 0):
                 time.sleep(0.5)  # a last look: nothing may still be on its way
                 s2 = get_stats(self.app_port)
                 if s2["manager"]["messages_in"] == s["manager"]["messages_in"] and \
@@ -989,7 +989,7 @@ class Soak:
                 time.sleep(0.5)
                 continue
             # This /stats request is an app connection too.
-            left = (s["totals"]["connections"], s["manager"].get("app_connections", 1) - 1)
+            left = (s["totals"]["connections"], s["manager"]["app_connections"] - 1)
             if left == (0, 0):
                 return
             time.sleep(0.5)

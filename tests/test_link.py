@@ -7,6 +7,7 @@ the frames accepted, in order: none lost, none twice, per-worker FIFO kept.
 """
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 
 import link
 from link import BROADCAST, MSG, LinkError
-from manager import Flow, Outbox
+from manager import Flow, Outbox, Router
+from server import owner
 
 ids = st.binary(min_size=0, max_size=40)
 payloads = st.binary(min_size=0, max_size=300)
@@ -116,8 +118,7 @@ ops = st.lists(st.one_of(
 def test_outbox_loses_nothing_and_keeps_order_through_any_deaths(ops, limit):
     asyncio.set_event_loop(asyncio.new_event_loop())  # Flow's Event wants a loop to exist
     flow = Flow()
-    box = Outbox(0, limit, flow)
-    box.flush_soon = lambda _box: None
+    box = Outbox(0, limit, flow, lambda _box: None)
     accepted, acted = [], []
     worker = None
     seq = 0
@@ -163,8 +164,7 @@ def test_outbox_loses_nothing_and_keeps_order_through_any_deaths(ops, limit):
 
 def test_a_frame_half_read_by_a_dead_worker_is_replayed_whole():
     asyncio.set_event_loop(asyncio.new_event_loop())
-    box = Outbox(0, 10_000, Flow())
-    box.flush_soon = lambda _box: None
+    box = Outbox(0, 10_000, Flow(), lambda _box: None)
     first = FakeLink()
     box.attach(first)
     frames = [link.encode(MSG, b"id", b"m%d" % k) for k in range(3)]
@@ -184,8 +184,7 @@ def test_a_down_worker_never_holds_the_gate_it_refuses_past_its_limit():
     not: its outbox fills to its limit and refuses, and the other workers go on."""
     asyncio.set_event_loop(asyncio.new_event_loop())
     flow = Flow()
-    box = Outbox(0, 10_000, flow)
-    box.flush_soon = lambda _box: None
+    box = Outbox(0, 10_000, flow, lambda _box: None)
     box.attach(FakeLink())
     frame = link.encode(MSG, b"id", b"x" * 990)
     while box.put(frame) and box.link is not None:
@@ -199,3 +198,18 @@ def test_a_down_worker_never_holds_the_gate_it_refuses_past_its_limit():
     assert flow.open.is_set() and box.bytes <= box.limit
     box.attach(FakeLink())  # the successor is up, and behind: the gate closes again
     assert not flow.open.is_set()
+
+
+def test_an_ids_message_is_refused_whole_when_one_outbox_is_full():
+    """`ids` spanning two workers, one of them full: no id gets it (never half-delivered)."""
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    flow = Flow()
+    slots = [SimpleNamespace(outbox=Outbox(n, 1000, flow, lambda _box: None)) for n in (0, 1)]
+    router = Router(SimpleNamespace(slots=slots, stopping=False))
+    a = next(b"a%d" % i for i in range(99) if owner(b"a%d" % i, 2) == 0)
+    b = next(b"b%d" % i for i in range(99) if owner(b"b%d" % i, 2) == 1)
+    assert router.send_one(b, b"x" * 900) is None  # worker 1's outbox is now nearly full
+    refused = router.send([a, b], b"y" * 200)
+    assert refused and "worker 1" in refused
+    assert slots[0].outbox.bytes == 0 and router.messages_in == 1
+    assert router.broadcast(b"z" * 200) and slots[0].outbox.bytes == 0
