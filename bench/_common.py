@@ -175,6 +175,11 @@ class Server:
         s = self.stats()
         return s["totals"]["waiting"] if self.impl == "project" else s["waiting"]
 
+    def waiting_streams(self) -> tuple:
+        """(totals.waiting, totals.streams) from the app port's /stats (project only)."""
+        t = self.stats()["totals"]
+        return t["waiting"], t["streams"]
+
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")[-2000:]
@@ -202,11 +207,12 @@ class Server:
 
 
 class LoadGroup:
-    """`conns` long-poll connections spread over `procs` bench/_load.py processes (the
-    open-file limit is per process), each from its own source address 127.0.0.<2+k>."""
+    """`conns` long-poll connections (suffix "js") or SSE streams (suffix "sse") spread over
+    `procs` bench/_load.py processes (the open-file limit is per process), each from its own
+    source address 127.0.0.<2+k>."""
 
     def __init__(self, port: int, conns: int, prefix: str = "u", procs: int = 2,
-                 source_base: int = 2, rate: float = 0):
+                 source_base: int = 2, rate: float = 0, suffix: str = "js"):
         self.procs = []
         share = -(-conns // procs)
         for k in range(procs):
@@ -214,7 +220,8 @@ class LoadGroup:
             if count <= 0:
                 break
             cmd = [sys.executable, str(BENCH / "_load.py"), "--port", str(port),
-                   "--prefix", prefix, "--start", str(start), "--count", str(count),
+                   "--prefix", prefix, "--suffix", suffix,
+                   "--start", str(start), "--count", str(count),
                    "--source-ip", f"127.0.0.{source_base + k}", "--rate", str(rate / procs)]
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             os.sched_setaffinity(proc.pid, LOAD_CPUS)
@@ -243,7 +250,8 @@ class LoadGroup:
 
     @staticmethod
     def _sum(parts: list) -> dict:
-        total = {k: sum(p[k] for p in parts) for k in ("ok", "failed", "s200", "other", "eof")}
+        total = {k: sum(p[k] for p in parts)
+                 for k in ("ok", "failed", "s200", "other", "eof", "bytes")}
         errors: dict = {}
         for p in parts:
             for k, v in p["errors"].items():
@@ -276,6 +284,19 @@ def wait_waiting(server: Server, n: int, timeout: float = 60.0) -> int:
     while time.monotonic() < deadline:
         got = server.waiting()
         if got >= n:
+            return got
+        time.sleep(0.2)
+    return got
+
+
+def wait_streams(server: Server, n: int, timeout: float = 60.0) -> tuple:
+    """Until the project's /stats totals say n waiting and n of them streams; returns the
+    last (waiting, streams) seen."""
+    deadline = time.monotonic() + timeout
+    got = (-1, -1)
+    while time.monotonic() < deadline:
+        got = server.waiting_streams()
+        if got[0] >= n and got[1] >= n:
             return got
         time.sleep(0.2)
     return got

@@ -1,12 +1,17 @@
-"""Load side of the benchmarks: one process holding a slice of the long-poll connections.
+"""Load side of the benchmarks: one process holding a slice of the long-poll (or SSE)
+connections.
 
     python bench/_load.py --port P --prefix u --start 0 --count 9500 --source-ip 127.0.0.2
+    python bench/_load.py --port P --suffix sse ...
 
 Opens `count` connections to host:port (non-blocking connects, at most --inflight at once,
 from --source-ip with IP_BIND_ADDRESS_NO_PORT so the port is picked per destination), sends
-`GET /<prefix><i>.js HTTP/1.1` on each, then holds them, reading whatever the server answers:
-a status line is counted (200 / other), an EOF closes our side. One JSON line on stdout when
-every connect has finished ({"event": "open", ...}); then stdin commands, one a line:
+`GET /<prefix><i>.<suffix> HTTP/1.1` on each (--suffix js, the default: long polls; sse:
+Server-Sent Events streams), then holds them, reading and discarding whatever the server
+sends: the first chunk's status line is counted (200 / other; a stream's head and its
+`retry: 2000` come in it), later bytes only summed (`bytes`), an EOF closes our side. One
+JSON line on stdout when every connect has finished ({"event": "open", ...}); then stdin
+commands, one a line:
 `stats` prints the counters as one JSON line, `quit` (or EOF) resets every connection
 (SO_LINGER 0: no TIME_WAIT left behind) and exits. Used by _common.LoadGroup; a parent holds
 19,000 connections over two of these, as the open-file limit is 20,000 per process.
@@ -33,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--prefix", default="u")
+    p.add_argument("--suffix", default="js", choices=("js", "sse"),
+                   help="js: long polls (default); sse: Server-Sent Events streams")
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--source-ip", default=None)
@@ -48,7 +55,7 @@ def main(argv=None) -> int:
     socks: dict = {}  # fd -> socket
     phase: dict = {}  # fd -> CONNECTING | SENT | ANSWERED
     c = {"event": "open", "ok": 0, "failed": 0, "s200": 0, "other": 0, "eof": 0,
-         "errors": {}}
+         "bytes": 0, "errors": {}}
     nxt, end, inflight = a.start, a.start + a.count, 0
     announced = False
     t0 = time.monotonic()
@@ -71,6 +78,7 @@ def main(argv=None) -> int:
         out.write(json.dumps(c) + "\n")
         out.flush()
 
+    prefix, suffix = a.prefix.encode(), a.suffix.encode()
     pending = b""
     while True:
         limit = end
@@ -119,8 +127,8 @@ def main(argv=None) -> int:
                 if err:
                     fail(fd, err)
                     continue
-                req = b"GET /%s%d.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % (
-                    a.prefix.encode(), st[1])
+                req = b"GET /%s%d.%s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % (
+                    prefix, st[1], suffix)
                 try:
                     socks[fd].send(req)
                 except OSError as e:
@@ -136,6 +144,7 @@ def main(argv=None) -> int:
                 continue
             except OSError:
                 data = b""
+            c["bytes"] += len(data)
             if data and st[0] == SENT:
                 phase[fd] = (ANSWERED,)
                 if data.startswith(b"HTTP/1.1 200 "):

@@ -29,8 +29,11 @@ The ledger. Every message the manager accepted from us ends in exactly one place
     sent        = client.py's frames + the publisher's `ok` replies (broadcasts apart)
     delivered   = distinct messages the client population received (client.py's `received`)
                 + distinct tokens the slow readers saw at the head of an answer
-    expired, dropped, lost_in_killed_workers = the manager's /stats totals (cumulative over
-                  worker restarts; `lost`: what a killed worker had queued)
+    expired, dropped = the manager's /stats totals expired_undelivered, dropped_undelivered:
+                  messages evicted from history before any client had them (cumulative over
+                  worker restarts; a delivered message is kept too, and evicted later: that
+                  one is counted as delivered, not again)
+    lost_in_killed_workers = totals.lost: what a killed worker held that no client had had
     unaccounted = sent - delivered - expired - dropped - lost, which must be 0.
 Nothing else publishes: the floods never complete a message (no NUL ends a binary frame, no
 JSON line is valid, no HTTP body is whole), and they poll only ids nobody publishes to; so
@@ -1070,7 +1073,8 @@ class Soak:
         sent = pop_sent + sum(ok.values()) - broadcasts + fill["ok"]
         delivered = pop_recv + slow_delivered
         totals = (stats or {}).get("totals", {})
-        expired, dropped = totals.get("expired", 0), totals.get("dropped", 0)
+        expired = totals.get("expired_undelivered", 0)
+        dropped = totals.get("dropped_undelivered", 0)
         lost = totals.get("lost", 0)
         if stats and "lost" not in totals:
             log("the manager has no totals.lost yet: counted as 0")
