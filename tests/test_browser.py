@@ -271,9 +271,8 @@ def reconnect_scenario(m, id_: str, tmp_path) -> None:
             for s in others:
                 status, _, _, body = answer(s)
                 assert (status, body) == (200, b"two"), f"a test poll got {status} {body!r}"
-            events = collector.wait_for(
-                "the reconnected stream to deliver message two",
-                lambda ev: len(of_type(ev, "open")) == 2 and len(messages(ev)) >= 2)
+            collector.wait_for("the reconnected stream to deliver message two",
+                               lambda ev: len(of_type(ev, "open")) == 2 and len(messages(ev)) >= 2)
             time.sleep(0.5)  # room for a duplicate to show up
             events = collector.events()
     finally:
