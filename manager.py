@@ -71,9 +71,13 @@ SHUTDOWN_GRACE = 3.0  # SIGTERM, then SIGKILL after this; the whole shutdown fit
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 APP_REASONS = {**server.REASONS, 202: b"Accepted"}
 # Per-worker figures in /stats (SPEC's list, then ours), summed into the totals.
+ROW_GAUGES = ("connections", "waiting", "streams", "queued_messages", "queued_bytes",
+              "undelivered")
 STAT_FIELDS = ("connections", "waiting", "queued_messages", "queued_bytes", "delivered",
                "expired", "dropped", "rejected", "restarts", "rss_bytes", "accepted", "lost",
-               "outbox_bytes", *link.COUNTERS[link.COUNTERS.index("closed_header_timeout"):])
+               "outbox_bytes", "streams", "undelivered", "expired_undelivered",
+               "dropped_undelivered",
+               *link.COUNTERS[link.COUNTERS.index("closed_header_timeout"):])
 
 
 def describe_exit(status: int) -> str:
@@ -100,7 +104,14 @@ def http_reply(status: int, body: dict, keep: bool, extra: bytes = b"") -> bytes
                                         b"keep-alive" if keep else b"close", data)
 
 
-ACCEPTED_KEEP = http_reply(202, {"ok": True}, True)  # the answer to nearly every publish
+
+
+def accepted_reply(mid: str, keep: bool) -> bytes:
+    """202 {"ok": true, "mid": ...}: the answer to nearly every publish, formatted directly."""
+    return b'HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: %d\r\n' \
+        b'Connection: %s\r\n\r\n{"ok": true, "mid": "%s"}' % (
+            len(mid) + 23, b"keep-alive" if keep else b"close", mid.encode())
+
 JSON_NUMBER_DIGITS = 100  # no field of ours is a number; a longer one is an attack on int()
 
 
@@ -344,7 +355,9 @@ class Supervisor:
                 "--queue-max", str(o.queue_max), "--queue-bytes", str(o.queue_bytes),
                 "--poll-timeout", str(o.poll_timeout), "--header-timeout",
                 str(o.header_timeout), "--write-timeout", str(o.write_timeout),
-                "--worker-timeout", str(o.worker_timeout), "--cors-origin", o.cors_origin]
+                "--worker-timeout", str(o.worker_timeout), "--cors-origin", o.cors_origin,
+                "--max-waiters", str(o.max_waiters), "--sse-heartbeat", str(o.sse_heartbeat),
+                "--sse-buffer", str(o.sse_buffer)]
 
     def spawn(self, slot: Slot) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -396,7 +409,7 @@ class Supervisor:
         figures = link.figures(page)
         for name in link.COUNTERS:
             slot.carried[name] += figures[name]
-        slot.lost += figures["queued_messages"]
+        slot.lost += figures["undelivered"]  # (kept messages clients had are not lost)
         replayed = slot.outbox.detach(page[LINK_DONE])
         link.clear(page)  # for the successor
         if slot.link is not None and slot.link.transport is not None:
@@ -408,8 +421,8 @@ class Supervisor:
                 self.done.set()
             return
         code = os.waitstatus_to_exitcode(status)
-        lost = f", {figures['queued_messages']:,} queued messages lost" \
-            if figures["queued_messages"] else ""
+        lost = f", {figures['undelivered']:,} undelivered messages lost" \
+            if figures["undelivered"] else ""
         again = f", {replayed:,} unacknowledged frames replayed" if replayed else ""
         log(f"worker {slot.n} (pid {pid}, cpu {slot.cpu}) {describe_exit(status)}{lost}{again}")
         if code == server.EXIT_BOOT_ERROR:
@@ -536,7 +549,7 @@ class Supervisor:
         row = {"worker": slot.n, "pid": slot.pid, "cpu": slot.cpu, "port": slot.port,
                "up": slot.pid is not None,
                "heartbeat_age": round(now - beat, 3) if slot.pid is not None else None}
-        for name in ("connections", "waiting", "queued_messages", "queued_bytes"):
+        for name in ROW_GAUGES:
             row[name] = figures[name]
         for name in link.COUNTERS:
             row[name] = figures[name] + slot.carried[name]
@@ -556,62 +569,86 @@ class Supervisor:
 # ---------------------------------------------------------------------------------------------
 
 
+class MessageIds:
+    """Message ids `<ms>-<seq>` (SPEC "Message ids"), Redis's stream id rule: the wall clock's
+    milliseconds and a sequence within one; strictly increasing even if the clock steps back
+    (the last ms is kept and seq counts on)."""
+
+    def __init__(self):
+        self.ms = 0
+        self.seq = -1
+
+    def next(self) -> tuple[int, int]:
+        ms = time.time_ns() // 1_000_000
+        if ms > self.ms:
+            self.ms, self.seq = ms, 0
+        else:
+            self.seq += 1
+        return self.ms, self.seq
+
+
 class Router:
     """send / broadcast for the AppServer: a message is accepted whole (into every outbox it
-    needs) or refused whole with the reason, never half-delivered. Nothing is accepted once
-    the manager is stopping: the links are closing, and it would be lost."""
+    needs) with one message id, or refused whole with the reason, never half-delivered. Each
+    returns (mid, None) when accepted, (None, why) when not. Nothing is accepted once the
+    manager is stopping: the links are closing, and it would be lost."""
 
     def __init__(self, supervisor: Supervisor):
         self.supervisor = supervisor
         self.slots = supervisor.slots
+        self.ids = MessageIds()
         self.messages_in = 0
         self.refused = 0  # messages refused because an outbox was full
 
-    def full(self, outbox: Outbox, size: int) -> str:
+    def full(self, outbox: Outbox, size: int) -> tuple:
         self.refused += 1
         if self.supervisor.stopping:
-            return "the server is shutting down: try again later"
+            return None, "the server is shutting down: try again later"
         if size > outbox.limit:
-            return (f"a message of {size:,} bytes can never fit worker {outbox.n}'s outbox "
-                    f"(--queue-bytes {outbox.limit:,})")
+            return None, (f"a message of {size:,} bytes can never fit worker {outbox.n}'s "
+                          f"outbox (--queue-bytes {outbox.limit:,})")
         state = "up" if outbox.link is not None else "down, restarting"
-        return (f"worker {outbox.n} is not keeping up ({state}; {outbox.bytes:,} bytes waiting "
-                f"for it, --queue-bytes {outbox.limit:,}): try again later")
+        return None, (f"worker {outbox.n} is not keeping up ({state}; {outbox.bytes:,} bytes "
+                      f"waiting for it, --queue-bytes {outbox.limit:,}): try again later")
 
-    def send(self, ids: list, message: bytes):
-        """One message to one or more ids: None when accepted, else why not."""
+    def send(self, ids: list, message: bytes) -> tuple:
+        """One message to one or more ids: one message id for all (SPEC)."""
         W = len(self.slots)
-        frames = [(self.slots[server.owner(i, W)].outbox, link.encode_msg(i, message))
-                  for i in ids]
+        size = link.HEAD_SIZE + len(message)
         need: dict = {}
-        for outbox, data in frames:
-            need[outbox] = need.get(outbox, 0) + len(data)
-        for outbox, size in need.items():
-            if not outbox.room(size) or self.supervisor.stopping:
-                return self.full(outbox, size)
-        for outbox, data in frames:
-            outbox.put(data)
-        self.messages_in += len(frames)  # one per id: each copy is queued and counted apart
-        return None
+        for i in ids:
+            outbox = self.slots[server.owner(i, W)].outbox
+            need[outbox] = need.get(outbox, 0) + size + len(i)
+        for outbox, total in need.items():
+            if not outbox.room(total) or self.supervisor.stopping:
+                return self.full(outbox, total)
+        ms, seq = self.ids.next()
+        for i in ids:
+            self.slots[server.owner(i, W)].outbox.put(link.encode_msg(i, message, ms, seq))
+        self.messages_in += len(ids)  # one per id: each copy is kept and counted apart
+        return f"{ms}-{seq}", None
 
-    def send_one(self, id_: bytes, message: bytes):
-        """The binary frames' fast path: one id, no lists."""
+    def send_one(self, id_: bytes, message: bytes) -> tuple:
+        """The fast path of binary frames and POST /send: one id, no lists."""
         outbox = self.slots[server.owner(id_, len(self.slots))].outbox
-        data = link.encode_msg(id_, message)
+        ms, seq = self.ids.next()  # (a refused message leaves a hole in the ids: harmless)
+        data = link.encode_msg(id_, message, ms, seq)
         if self.supervisor.stopping or not outbox.put(data):
             return self.full(outbox, len(data))
         self.messages_in += 1
-        return None
+        return f"{ms}-{seq}", None
 
-    def broadcast(self, message: bytes):
-        data = link.encode(BROADCAST, b"", message)
+    def broadcast(self, message: bytes) -> tuple:
+        size = link.HEAD_SIZE + len(message)
         for slot in self.slots:
-            if not slot.outbox.room(len(data)) or self.supervisor.stopping:
-                return self.full(slot.outbox, len(data))
+            if not slot.outbox.room(size) or self.supervisor.stopping:
+                return self.full(slot.outbox, size)
+        ms, seq = self.ids.next()
+        data = link.encode(BROADCAST, b"", message, ms, seq)
         for slot in self.slots:
             slot.outbox.put(data)
         self.messages_in += 1
-        return None
+        return f"{ms}-{seq}", None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,7 +741,7 @@ class AppServer:
                     if size - id_end - 1 > max_message:
                         return self.app_error_bare(f"message over --max-message {max_message}")
                     break
-                refused = self.router.send_one(id_, buf[id_end + 1:msg_end])
+                _, refused = self.router.send_one(id_, buf[id_end + 1:msg_end])
                 if refused is not None:  # the frames before it were taken
                     return self.app_error_bare(f"binary frame refused: {refused}")
                 pos = msg_end + 1
@@ -779,8 +816,8 @@ class AppServer:
         if len(message) > self.opts.max_message:
             return no(f"message over --max-message ({self.opts.max_message} bytes)")
         if obj.get("broadcast") is True:
-            refused = self.router.broadcast(message)
-            return (no(refused) if refused else ({"ok": True}, authed))
+            mid, refused = self.router.broadcast(message)
+            return (no(refused) if refused else ({"ok": True, "mid": mid}, authed))
         if "id" in obj:
             ids = [obj["id"]]
         elif "ids" in obj and isinstance(obj["ids"], list):
@@ -792,8 +829,8 @@ class AppServer:
             if not isinstance(id_, str) or not valid_id(id_.encode("utf-8", "replace")):
                 return no(f"invalid id {str(id_)[:40]!r}: 1-128 of [A-Za-z0-9_~-]")
             raw.append(id_.encode())
-        refused = self.router.send(raw, message)  # all valid: none is half-delivered
-        return no(refused) if refused else ({"ok": True}, authed)
+        mid, refused = self.router.send(raw, message)  # all valid: none is half-delivered
+        return no(refused) if refused else ({"ok": True, "mid": mid}, authed)
 
     async def serve_http(self, reader, writer, buf: bytes) -> None:
         """HTTP/1.1 with keep-alive: POST /send/<id>, POST /broadcast, GET /stats.
@@ -898,14 +935,14 @@ class AppServer:
             if body is None:
                 return None
             if path == b"/broadcast":
-                refused = self.router.broadcast(body)
+                mid, refused = self.router.broadcast(body)
             else:
-                refused = self.router.send_one(path[6:], body)
+                mid, refused = self.router.send_one(path[6:], body)
             if refused is not None:
                 self.app_rejected += 1
                 return http_reply(503, {"ok": False, "error": refused}, keep,
                                   b"Retry-After: 1\r\n")
-            return ACCEPTED_KEEP if keep else http_reply(202, {"ok": True}, False)
+            return accepted_reply(mid, keep)
         if path == b"/stats":
             return no(405, "use GET")
         return no(404, "POST /send/<id>, POST /broadcast, GET /stats")
@@ -990,14 +1027,21 @@ def parse_args(argv=None):
     p.add_argument("--max-message", type=options.positive_int, default=65536,
                    help="larger messages are refused (bytes)")
     p.add_argument("--queue-ttl", type=options.positive_float, default=60.0,
-                   help="undelivered messages expire after this many seconds")
+                   help="messages are kept (delivered or not) this many seconds")
     p.add_argument("--queue-max", type=options.positive_int, default=100,
-                   help="messages queued per id; overflow drops the oldest")
+                   help="messages kept per id; overflow drops the oldest")
     p.add_argument("--queue-bytes", type=options.positive_int, default=64 * 1024 * 1024,
                    help="queued bytes per worker; overflow drops the oldest. Also the bound on "
                         "a worker's outbox in the manager: past it publishes are refused")
     p.add_argument("--poll-timeout", type=options.non_negative, default=0.0,
                    help="a waiting poll gets 204 after this many seconds (0: off)")
+    p.add_argument("--max-waiters", type=options.positive_int, default=4,
+                   help="polls and streams that may wait on one id; one more pushes the "
+                        "oldest out (409, or `event: replaced` for a stream)")
+    p.add_argument("--sse-heartbeat", type=options.non_negative, default=30.0,
+                   help="seconds between SSE comment lines to idle streams (0: off)")
+    p.add_argument("--sse-buffer", type=options.positive_int, default=256 * 1024,
+                   help="bytes of live messages a stream may leave unread before it is closed")
     p.add_argument("--keepalive", type=options.non_negative, default=60.0,
                    help="TCP keepalive idle seconds on client sockets (0: off)")
     p.add_argument("--header-timeout", type=options.positive_float, default=10.0,

@@ -78,18 +78,23 @@ from link import (
     CLOSED_FLOOD,
     CLOSED_HEADER_TIMEOUT,
     CLOSED_RESET,
+    CLOSED_SSE_BUFFER,
     CLOSED_TIMED_OUT,
     CLOSED_WRITE_TIMEOUT,
     CONNECTIONS,
     DELIVERED,
     DROPPED,
+    DROPPED_UNDELIVERED,
     EXPIRED,
+    EXPIRED_UNDELIVERED,
     LINK_DONE,
     MSG,
     QUEUED_BYTES,
     QUEUED_MESSAGES,
     REFUSED_NO_WATCH,
     REJECTED,
+    STREAMS,
+    UNDELIVERED,
     WAITING,
 )
 
@@ -103,7 +108,6 @@ PAGE_FD = 5  # where the manager puts this worker's shared page (link.py)
 EXIT_BOOT_ERROR = 3  # "cannot even start": the manager stops instead of restart-looping
 
 MAX_HEAD = 8192  # request head limit; over it is 431 (nginx's 8k header buffers, node's old 8 KiB)
-MAX_WAITERS_PER_ID = 4  # tabs sharing an id; a 5th pushes the oldest out with 409
 ACCEPTS_PER_TURN = 512  # so one busy listener cannot starve the connections we already hold
 LINK_READS_PER_TURN = 16  # link reads of LINK_READ_SIZE per turn, same reason
 LINK_READ_SIZE = 256 * 1024
@@ -145,6 +149,10 @@ EMPTY_LINES_MAX = 8  # bytes of empty lines taken before a request line (RFC 911
 # one); more is refused, as walking them again on each read of a slow client costs quadratic CPU
 LENGTH_DIGITS = 19  # a poll's Content-Length: digits only, 19 of them at most (int64)
 TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+NEWLINE_RE = re.compile(rb"\r\n|\r|\n")  # where an SSE message is cut into data: lines
+REPLAY_CHUNK = 64 * 1024  # a stream's replay is read from history about this much at a time
+SSE_RETRY = b"retry: 2000\n\n"  # EventSource reconnects after 2 s (SPEC)
+HEARTBEAT = b":\n"  # an SSE comment line: keeps proxies from closing an idle stream
 
 # Connection states that are not "waiting on an id" (a waiting fd's state is its id, bytes).
 READING, WRITING, LINGER = 1, 2, 3
@@ -294,6 +302,203 @@ def parse_after_empty_lines(buf: bytes, scanned: int, limit: int):
 
 
 # ---------------------------------------------------------------------------------------------
+# The message store: each id's history (SPEC "History and the cursor")
+# ---------------------------------------------------------------------------------------------
+
+SEQ_BITS = 64  # a message id <ms>-<seq> is compared as one integer: ms << 64 | seq
+CURSOR_RE = re.compile(rb"([0-9]+)-([0-9]+)")
+
+
+def mid_key(ms: int, seq: int) -> int:
+    return ms << SEQ_BITS | seq
+
+
+def cursor_text(key: int) -> bytes:
+    return b"%d-%d" % (key >> SEQ_BITS, key & ((1 << SEQ_BITS) - 1))
+
+
+def parse_cursor(text: bytes):
+    """The key of a cursor `<digits>-<digits>`, each part below 2**64, or None if `text` is
+    not one."""
+    m = CURSOR_RE.fullmatch(text)
+    if m is None or len(m[1].lstrip(b"0")) > 20 or len(m[2].lstrip(b"0")) > 20:
+        return None  # (checked before int(): it refuses strings over 4,300 digits)
+    ms, seq = int(m[1]), int(m[2])
+    if ms >> SEQ_BITS or seq >> SEQ_BITS:
+        return None
+    return ms << SEQ_BITS | seq
+
+
+class Message:
+    """One kept message. `expires` is its TTL deadline while kept, and once evicted, when the
+    store forgets that it was evicted (see MessageStore.gap)."""
+    __slots__ = ("id", "key", "mid", "body", "expires", "delivered")
+
+    def __init__(self, id_: bytes, key: int, mid: bytes, body: bytes, expires: float):
+        self.id = id_
+        self.key = key
+        self.mid = mid  # the id as clients see it, b"<ms>-<seq>"
+        self.body = body  # None once evicted
+        self.expires = expires
+        self.delivered = False
+
+
+class MessageStore:
+    """Every id's history: the messages kept for it, delivered or not, oldest first.
+
+    Pure: no I/O, no clock (callers pass `now`), so a property test can drive it through any
+    sequence of appends, reads and evictions. Its figures are kept in `count` (the worker's
+    shared page, or any list indexed like it): QUEUED_MESSAGES, QUEUED_BYTES, UNDELIVERED
+    now; EXPIRED, DROPPED and their _UNDELIVERED parts as they happen.
+
+    Bounds, oldest evicted first: `ttl` seconds per message, `per_id` messages per id,
+    `max_bytes` of message bodies in all. A message bigger than max_bytes on its own is
+    evicted as soon as it is appended (the worker delivers it to its waiters first).
+
+    Gaps. A cursor may have missed messages when one of its id above the cursor was evicted.
+    The store remembers each id's newest evicted key for `ttl` after the eviction (what it
+    costs: one dict entry per recently evicted id); when it forgets one, `forgotten` keeps the
+    newest key it forgot, and a cursor below that on an id it knows nothing about is told
+    "gap" too: it cannot know, so messages *may* be missing. A cursor older than the worker's
+    start is a gap as well (not 0-0): what a dead worker held is gone. "Start" is `start_ms`, or
+the key of the first message appended if that is older (frames the manager held for us while
+we started: the lost ones are older still).
+
+    Invariants (tests/test_store.py): each history is in key order and within per_id; the
+    bodies kept sum to at most max_bytes after each append; `order` holds every kept message
+    in arrival order (arrival + ttl = expiry order), evicted ones as tombstones (body None)
+    until they reach its head; an id with no kept message has no history entry.
+    """
+
+    def __init__(self, count, ttl: float, per_id: int, max_bytes: int, start_ms: int):
+        self.count = count
+        self.ttl = ttl
+        self.per_id = per_id
+        self.max_bytes = max_bytes
+        self.start_key = mid_key(start_ms, 0)
+        self.histories: dict = {}  # id -> [Message, ...] oldest first
+        self.order: deque = deque()  # kept messages in arrival order, and tombstones
+        self.evicted: dict = {}  # id -> key of its newest evicted message, for ttl after
+        self.forget: deque = deque()  # evicted messages in eviction order, to forget them
+        self.forgotten = 0  # newest key the store no longer remembers evicting
+
+    def append(self, id_: bytes, key: int, mid: bytes, body: bytes, now: float,
+               delivered: bool = False):
+        """Keep a new message; returns it, or None for a key not above the id's newest (a
+        frame replayed twice: already kept)."""
+        history = self.histories.get(id_)
+        if history is not None and history[-1].key >= key:
+            return None
+        if key < self.start_key:
+            # A frame the manager held for this worker while it was (re)starting: what the
+            # dead one held is lost from before this key on, not from our start.
+            self.start_key = key
+        count = self.count
+        msg = Message(id_, key, mid, body, now + self.ttl)
+        msg.delivered = delivered
+        if history is None:
+            self.histories[id_] = [msg]
+        else:
+            history.append(msg)
+            if len(history) > self.per_id:
+                self.evict(history[0], DROPPED, now)
+        self.order.append(msg)
+        count[QUEUED_MESSAGES] += 1
+        count[QUEUED_BYTES] += len(body)
+        if not delivered:
+            count[UNDELIVERED] += 1
+        order = self.order
+        while count[QUEUED_BYTES] > self.max_bytes:
+            old = order.popleft()
+            if old.body is not None:
+                self.evict(old, DROPPED, now)
+        if len(order) > 2 * count[QUEUED_MESSAGES] + 1024:
+            # Tombstones of messages evicted by the per-id cap wait for the head; compact
+            # when they are the majority, so `order` stays within twice what is kept.
+            self.order = deque(m for m in order if m.body is not None)
+        return msg
+
+    def evict(self, msg: Message, cause: int, now: float) -> None:
+        """Remove a kept message; it is always the oldest of its id."""
+        history = self.histories[msg.id]
+        history.pop(0)
+        if not history:
+            del self.histories[msg.id]
+        count = self.count
+        count[QUEUED_MESSAGES] -= 1
+        count[QUEUED_BYTES] -= len(msg.body)
+        count[cause] += 1
+        if not msg.delivered:
+            count[UNDELIVERED] -= 1
+            count[EXPIRED_UNDELIVERED if cause == EXPIRED else DROPPED_UNDELIVERED] += 1
+        msg.body = None
+        msg.expires = now + self.ttl  # now: when to forget the eviction
+        self.evicted[msg.id] = msg.key
+        self.forget.append(msg)
+
+    def expire(self, now: float):
+        """Evict what reached its TTL and forget old evictions; returns the next deadline
+        (None when nothing is kept or remembered)."""
+        order = self.order
+        while order and order[0].expires <= now:
+            msg = order.popleft()
+            if msg.body is not None:
+                self.evict(msg, EXPIRED, now)
+        forget = self.forget
+        while forget and forget[0].expires <= now:
+            msg = forget.popleft()
+            if self.evicted.get(msg.id) == msg.key:
+                del self.evicted[msg.id]
+            if msg.key > self.forgotten:
+                self.forgotten = msg.key
+        nxt = order[0].expires if order else None
+        if forget and (nxt is None or forget[0].expires < nxt):
+            nxt = forget[0].expires
+        return nxt
+
+    def delivered(self, msg: Message) -> None:
+        """A client had it (a poll's answer, a stream's event): later polls without a cursor
+        skip it."""
+        if not msg.delivered:
+            msg.delivered = True
+            if msg.body is not None:
+                self.count[UNDELIVERED] -= 1
+
+    def oldest_undelivered(self, id_: bytes):
+        history = self.histories.get(id_)
+        if history is not None:
+            for msg in history:
+                if not msg.delivered:
+                    return msg
+        return None
+
+    def undelivered(self, id_: bytes) -> list:
+        return [m for m in self.histories.get(id_, ()) if not m.delivered]
+
+    def after(self, id_: bytes, key: int):
+        """The oldest kept message of id_ with a key above `key`, or None."""
+        history = self.histories.get(id_)
+        if history is None or history[-1].key <= key:
+            return None
+        for msg in history:
+            if msg.key > key:
+                return msg
+        return None  # unreachable: the newest is above key
+
+    def gap(self, id_: bytes, key: int) -> bool:
+        """May messages of id_ after the cursor `key` be missing? (SPEC: X-Message-Gap.)
+        Evicting the cursor's own message is no gap; 0-0 means "from what is kept"."""
+        evicted = self.evicted.get(id_)
+        if evicted is not None and evicted > key:
+            return True
+        return key != 0 and (key < self.start_key or (evicted is None and key < self.forgotten))
+
+    def evicted_after(self, id_: bytes, key: int) -> bool:
+        """Was a message of id_ above `key` evicted? (A stream's replay meets a gap.)"""
+        return self.evicted.get(id_, -1) > key
+
+
+# ---------------------------------------------------------------------------------------------
 # Responses
 # ---------------------------------------------------------------------------------------------
 
@@ -314,9 +519,44 @@ def response_head(status: int, length: int, ctype: bytes, tail: bytes, extra: by
         status, REASONS[status], length, ctype, extra, tail)
 
 
-def jsonp_body(callback: bytes, message: bytes) -> bytes:
+def jsonp_body(callback: bytes, message: bytes, mid: bytes) -> bytes:
     text = json.dumps(message.decode("utf-8", "replace"))  # ASCII-only, U+2028 escaped
-    return callback + b"(" + text.encode() + b");"
+    return b'%s(%s, "%s");' % (callback, text.encode(), mid)
+
+
+def sse_event(mid: bytes, message: bytes) -> bytes:
+    """One Server-Sent Event: `id:`, a `data:` line per line of the message (split at CRLF,
+    CR and LF, as the EventSource parser splits them), a blank line."""
+    if not message.isascii():
+        message = message.decode("utf-8", "replace").encode()
+    if b"\n" in message or b"\r" in message:
+        data = b"".join([b"data: %s\n" % line for line in NEWLINE_RE.split(message)])
+    else:
+        data = b"data: %s\n" % message
+    return b"id: %s\n%s\n" % (mid, data)
+
+
+def sse_control(event: bytes, data: bytes) -> bytes:
+    """`event: gap` / `event: replaced`: named events, which carry no id (EventSource keeps its
+    last one)."""
+    return b"event: %s\ndata: %s\n\n" % (event, data)
+
+
+class Backlog:
+    """What a stream could not write yet (only streams that are behind have one):
+    `out`, the bytes to write next, of which the first `replay` are history being replayed
+    and `live` are messages sent to the stream as they arrived (only those count against
+    --sse-buffer); `cursor`, while the replay is not done, the key of the last message put in
+    `out` (the next ones are read from history as the socket drains); `after`, broadcasts that
+    arrived during the replay (they are in no history), written once it is done."""
+    __slots__ = ("out", "replay", "live", "cursor", "after")
+
+    def __init__(self, cursor=None):
+        self.out = bytearray()
+        self.replay = 0
+        self.live = 0
+        self.cursor = cursor
+        self.after = bytearray()
 
 
 def location(req: Request, port: int, fd: int) -> bytes:
@@ -346,16 +586,20 @@ class Worker:
         self.n = opts.worker
         self.workers = opts.workers
         self.base_port = opts.base_port
-        self.queue_ttl = opts.queue_ttl
-        self.queue_max = opts.queue_max
-        self.queue_bytes_max = opts.queue_bytes
+        self.max_waiters = opts.max_waiters
+        self.sse_heartbeat = opts.sse_heartbeat
+        self.sse_buffer = opts.sse_buffer
         self.poll_timeout = opts.poll_timeout
         self.header_timeout = opts.header_timeout
         self.write_timeout = opts.write_timeout
         # The loop passes at least this often, idle or not: each pass is a heartbeat.
         self.beat_interval = min(BEAT_INTERVAL, opts.worker_timeout / 4)
-        self.tail = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: %s\r\n"
-                     b"Connection: close\r\n\r\n" % opts.cors_origin.encode())
+        cors = (b"Access-Control-Allow-Origin: %s\r\nAccess-Control-Expose-Headers: "
+                b"X-Message-Id, X-Message-Gap\r\n" % opts.cors_origin.encode())
+        self.tail = b"Cache-Control: no-store\r\n%sConnection: close\r\n\r\n" % cors
+        self.sse_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Cache-Control: no-store\r\n%sX-Accel-Buffering: no\r\n"
+                         b"Connection: close\r\n\r\n%s" % (cors, SSE_RETRY))
         self.info = json.dumps({"worker": self.n, "workers": self.workers,
                                 "base_port": self.base_port}).encode()
 
@@ -376,8 +620,9 @@ class Worker:
             min(nofile, FD_TABLE_START)
         self.state: list = [None] * size  # fd -> None | READING | WRITING | LINGER | id
         self.fds = list(range(size))  # interned fd ints (see the module docstring)
+        self.is_stream = bytearray(size)  # fd -> 1 for a waiting SSE stream: 1 B per slot
 
-        self.waiters: dict = {}  # id -> fd, or list of up to 4 fds (oldest first)
+        self.waiters: dict = {}  # id -> fd, or a list of fds (oldest first), polls and streams
         self.reading: dict = {}  # fd -> [deadline, bytes so far, scanned]; accept order
         self.poll_deadlines: dict = {}  # fd -> deadline, only with --poll-timeout; wait order
         self.lingering: dict = {}  # fd -> deadline; answered errors being drained
@@ -386,9 +631,12 @@ class Worker:
         self.linger_after: set = set()  # fds in outbuf whose answer ends with a linger
         self.jsonp: dict = {}  # fd -> callback name, for the few waiting JSONP polls
         self.garbage: dict = {}  # fd -> bytes it sent after its request, for the few that do
+        self.gapped: set = set()  # waiting cursor polls whose answer says X-Message-Gap: 1
+        self.backlog: dict = {}  # fd -> Backlog, for the streams that are behind
 
-        self.queues: dict = {}  # id -> [entry, ...] oldest first; entry = [expiry, id, message]
-        self.order: deque = deque()  # every queued entry in arrival (= expiry) order
+        self.store = MessageStore(self.count, opts.queue_ttl, opts.queue_max, opts.queue_bytes,
+                                  time.time_ns() // 1_000_000)
+        self.next_heartbeat = time.monotonic() + self.sse_heartbeat
         self.link_in = b""
         self.link_read = 0  # link bytes read, in all; those not in link_in were acted on
         self.link_hot = False  # the link had more to read when the per-turn cap stopped us
@@ -412,6 +660,7 @@ class Worker:
         new = max(size * 2, fd + 1)
         self.state.extend([None] * (new - size))
         self.fds.extend(range(size, new))
+        self.is_stream.extend(bytes(new - size))
 
     def register(self, fd: int, events: int) -> bool:
         """epoll_ctl(ADD). ENOSPC is fs.epoll.max_user_watches reached (every watched fd of
@@ -468,10 +717,18 @@ class Worker:
             if len(w) == 1:
                 self.waiters[id_] = w[0]
         self.count[WAITING] -= 1
-        if self.poll_deadlines:
-            self.poll_deadlines.pop(fd, None)
-        if self.jsonp:
-            self.jsonp.pop(fd, None)
+        if self.is_stream[fd]:
+            self.is_stream[fd] = 0
+            self.count[STREAMS] -= 1
+            if self.backlog:
+                self.backlog.pop(fd, None)
+        else:
+            if self.poll_deadlines:
+                self.poll_deadlines.pop(fd, None)
+            if self.jsonp:
+                self.jsonp.pop(fd, None)
+        if self.gapped:
+            self.gapped.discard(fd)
 
     # -- writing answers ---------------------------------------------------------------------
 
@@ -687,23 +944,41 @@ class Worker:
                         b"Allow: GET, OPTIONS\r\n")
             return
         path = req.path
-        if not path.endswith(b".js") or path.find(b"/", 1) != -1:
+        id_ = stream = None
+        if path.find(b"/", 1) != -1:
+            pass  # /a/b.js: not one of ours
+        elif path.endswith(b".js"):
+            id_, stream = path[1:-3], False
+        elif path.endswith(b".sse"):
+            id_, stream = path[1:-4], True
+        if id_ is None:
             if path == b"/_info":
                 self.answer(fd, response_head(200, len(self.info), JSON, self.tail) + self.info,
                             linger)
             else:
-                self.refuse(fd, HTTPError(404, "not found: poll GET /<id>.js"))
+                self.refuse(fd, HTTPError(404, "not found: poll GET /<id>.js, stream "
+                                               "GET /<id>.sse"))
             return
-        id_ = path[1:-3]
         if ID_RE.fullmatch(id_) is None:
             self.refuse(fd, HTTPError(400, "invalid id: 1-128 bytes of [A-Za-z0-9_~-]"))
             return
-        callback = None
+        callback = cursor = None
         if req.query:
-            callback = query_callback(req.query)
-            if callback is not None and CALLBACK_RE.fullmatch(callback) is None:
+            callback, since = query_params(req.query)
+            if stream:
+                callback = None  # EventSource has no use for one
+            elif callback is not None and CALLBACK_RE.fullmatch(callback) is None:
                 self.refuse(fd, HTTPError(400, "invalid callback name"))
                 return
+            if since is not None:
+                cursor = parse_cursor(since)
+                if cursor is None:
+                    self.refuse(fd, HTTPError(400, "invalid since: a message id <ms>-<seq>"))
+                    return
+        if stream and b"last-event-id" in headers:
+            # EventSource sends it when it reconnects. A malformed one is ignored, not 400:
+            # that would stop EventSource for good.
+            cursor = parse_cursor(headers[b"last-event-id"]) or cursor
         home = x31(id_) % self.workers
         if home != self.n:
             try:
@@ -717,48 +992,63 @@ class Worker:
             self.answer(fd, response_head(307, 0, TEXT, self.tail, b"Location: %s\r\n" % url),
                         linger)
             return
-        queue = self.queues.get(id_)
-        if queue:
-            entry = queue.pop(0)
-            if not queue:
-                del self.queues[id_]
-            message = entry[2]
-            entry[2] = None  # tombstone in `order`
-            count = self.count
-            # The answer goes out before the queue count drops: a SIGKILL between the two
-            # counts the message lost though the client got it; over, never under.
-            if self.answer(fd, self.message_response(message, callback), linger):
-                count[DELIVERED] += 1
-            count[QUEUED_MESSAGES] -= 1
-            count[QUEUED_BYTES] -= len(message)
+        if stream:
+            self.open_stream(fd, id_, cursor, fresh)
+            return
+        store = self.store
+        gap = False
+        if cursor is None:
+            msg = store.oldest_undelivered(id_)
+        else:
+            msg = store.after(id_, cursor)
+            gap = store.gap(id_, cursor)
+        if msg is not None:
+            if self.answer(fd, self.message_response(msg.body, msg.mid, callback, gap), linger):
+                self.count[DELIVERED] += 1
+            store.delivered(msg)  # (answered before: a SIGKILL in between counts it lost)
             return
         if fresh and not self.register(fd, EPOLL_CLIENT):
-            # Cannot wait without epoll; answered without a linger, which needs epoll too.
-            self.count[REJECTED] += 1
-            body = b"server at capacity (epoll watch limit): try again later\n"
-            self.answer(fd, response_head(503, len(body), TEXT, self.tail) + body)
+            self.at_capacity(fd)
             return
-        self.wait(fd, id_, callback)
-
-    def wait(self, fd: int, id_: bytes, callback) -> None:
-        w = self.waiters.get(id_)
-        if w.__class__ is list and len(w) >= MAX_WAITERS_PER_ID:
-            self.count[REJECTED] += 1
-            body = b"pushed out: more than 4 polls wait on this id\n"
-            self.answer(w[0], response_head(409, len(body), TEXT, self.tail) + body)
-            w = self.waiters.get(id_)
-        if w is None:
-            self.waiters[id_] = fd
-        elif w.__class__ is int:
-            self.waiters[id_] = [w, fd]
-        else:
-            w.append(fd)
-        self.state[fd] = id_  # the same object as the key above when it is the first poll
-        self.count[WAITING] += 1
+        self.wait(fd, id_)
         if callback is not None:
             self.jsonp[fd] = callback
+        if gap:
+            self.gapped.add(fd)
         if self.poll_timeout > 0:
             self.poll_deadlines[fd] = time.monotonic() + self.poll_timeout
+
+    def at_capacity(self, fd: int) -> None:
+        """Cannot wait without epoll; answered without a linger, which needs epoll too."""
+        self.count[REJECTED] += 1
+        body = b"server at capacity (epoll watch limit): try again later\n"
+        self.answer(fd, response_head(503, len(body), TEXT, self.tail) + body)
+
+    def wait(self, fd: int, id_: bytes) -> None:
+        """Make fd wait on id_. Polls and streams together are --max-waiters per id: the
+        oldest is pushed out to make room (a poll with 409, a stream with `event: replaced`)."""
+        waiters = self.waiters
+        w = waiters.get(id_)
+        while w is not None and (1 if w.__class__ is int else len(w)) >= self.max_waiters:
+            self.push_out(w if w.__class__ is int else w[0], id_)
+            w = waiters.get(id_)
+        if w is None:
+            waiters[id_] = fd
+        elif w.__class__ is int:
+            waiters[id_] = [w, fd]
+        else:
+            w.append(fd)
+        self.state[fd] = id_  # the same object as the key above when it is the first waiter
+        self.count[WAITING] += 1
+
+    def push_out(self, fd: int, id_: bytes) -> None:
+        self.count[REJECTED] += 1
+        if self.is_stream[fd]:
+            self.end_stream(fd, sse_control(b"replaced", id_))
+        else:
+            body = b"pushed out: more than %d polls and streams wait on this id\n" % \
+                self.max_waiters
+            self.answer(fd, response_head(409, len(body), TEXT, self.tail) + body)
 
     def discard(self, fd: int) -> None:
         """Bytes from a client that has had its say (waiting, or being answered): read and
@@ -784,79 +1074,190 @@ class Worker:
 
     # -- messages ----------------------------------------------------------------------------
 
-    def message_response(self, message: bytes, callback) -> bytes:
+    def message_response(self, message: bytes, mid: bytes, callback, gap: bool) -> bytes:
+        extra = b"X-Message-Id: %s\r\nX-Message-Gap: 1\r\n" % mid if gap else \
+            b"X-Message-Id: %s\r\n" % mid
         if callback is None:
-            return response_head(200, len(message), TEXT, self.tail) + message
-        body = jsonp_body(callback, message)
-        return response_head(200, len(body), JS, self.tail) + body
+            return response_head(200, len(message), TEXT, self.tail, extra) + message
+        body = jsonp_body(callback, message, mid)
+        return response_head(200, len(body), JS, self.tail, extra) + body
 
-    def deliver(self, id_: bytes, message: bytes) -> None:
-        """A message for an id we own: to every connection waiting on it, else queued."""
+    def deliver(self, id_: bytes, key: int, mid: bytes, message: bytes) -> None:
+        """A message for an id we own: to every poll and stream waiting on it, and into the
+        id's history (delivered or not; a stream still replaying reads it from there)."""
+        sent = 0
         if id_ in self.waiters:
-            sent = self.answer_waiters(id_, self.message_response(message, None), message)
-            if sent:
-                self.count[DELIVERED] += sent
-                return
-        self.enqueue(id_, message)
+            sent = self.to_waiters(id_, mid, message, True)
+            self.count[DELIVERED] += sent
+        self.store.append(id_, key, mid, message, time.monotonic(), sent > 0)
 
-    def answer_waiters(self, id_: bytes, plain: bytes, message: bytes) -> int:
-        """Answer every connection waiting on id_; returns how many were still there."""
+    def to_waiters(self, id_: bytes, mid: bytes, message: bytes, kept: bool) -> int:
+        """Answer every poll waiting on id_, write to every stream; returns how many had it.
+        `kept`: the message is in the id's history (not a broadcast)."""
         w = self.waiters[id_]
         sent = 0
+        plain = event = None
         for fd in [w] if w.__class__ is int else list(w):
+            if self.is_stream[fd]:
+                if event is None:
+                    event = sse_event(mid, message)
+                sent += self.stream_send(fd, event, kept)
+                continue
             callback = self.jsonp.get(fd) if self.jsonp else None
-            if callback is None:
+            gap = fd in self.gapped if self.gapped else False
+            if callback is None and not gap:
+                if plain is None:
+                    plain = self.message_response(message, mid, None, False)
                 sent += self.answer(fd, plain)
             else:
-                sent += self.answer(fd, self.message_response(message, callback))
+                sent += self.answer(fd, self.message_response(message, mid, callback, gap))
         return sent
 
-    def enqueue(self, id_: bytes, message: bytes) -> None:
-        count = self.count
-        entry = [time.monotonic() + self.queue_ttl, id_, message]
-        queue = self.queues.get(id_)
-        if queue is None:
-            self.queues[id_] = [entry]
-        else:
-            queue.append(entry)
-            if len(queue) > self.queue_max:
-                self.drop(queue.pop(0))
-                count[DROPPED] += 1
-        self.order.append(entry)
-        count[QUEUED_MESSAGES] += 1
-        count[QUEUED_BYTES] += len(message)
-        while count[QUEUED_BYTES] > self.queue_bytes_max:
-            old = self.order.popleft()
-            if old[2] is not None:
-                self.unqueue(old)
-                count[DROPPED] += 1
-        if len(self.order) > 2 * count[QUEUED_MESSAGES] + 1024:
-            # Tombstones of delivered messages wait for their expiry; compact when they are
-            # the majority, so `order` stays within twice the live queue.
-            self.order = deque(e for e in self.order if e[2] is not None)
-
-    def unqueue(self, entry: list) -> None:
-        """Remove the oldest entry of its id's queue (it is always that one)."""
-        queue = self.queues[entry[1]]
-        queue.pop(0)
-        if not queue:
-            del self.queues[entry[1]]
-        self.drop(entry)
-
-    def drop(self, entry: list) -> None:
-        count = self.count
-        count[QUEUED_MESSAGES] -= 1
-        count[QUEUED_BYTES] -= len(entry[2])
-        entry[2] = None
-
-    def broadcast(self, message: bytes) -> None:
-        """To every connection waiting at this moment; nothing is queued for absent ids."""
-        plain = self.message_response(message, None)
+    def broadcast(self, mid: bytes, message: bytes) -> None:
+        """To every poll and stream waiting at this moment; kept in no history (SPEC)."""
         count = self.count
         for k, id_ in enumerate(list(self.waiters)):
-            count[DELIVERED] += self.answer_waiters(id_, plain, message)
+            if id_ in self.waiters:  # (a stream pushed out above may have been its last)
+                count[DELIVERED] += self.to_waiters(id_, mid, message, False)
             if not k % BEAT_EVERY:  # 500,000 answers take seconds: still alive
                 count[BEAT_NS] = time.monotonic_ns()
+
+    # -- streams (Server-Sent Events) --------------------------------------------------------
+
+    def open_stream(self, fd: int, id_: bytes, cursor, fresh: bool) -> None:
+        """The stream's head, then what it missed: with a cursor the history after it (a gap
+        first if there is one), read from history as the socket drains; without one, the
+        messages no client has had. Then it waits with the polls."""
+        if fresh and not self.register(fd, EPOLL_CLIENT):
+            self.at_capacity(fd)
+            return
+        self.wait(fd, id_)
+        self.is_stream[fd] = 1
+        self.count[STREAMS] += 1
+        store = self.store
+        out = [self.sse_head]
+        if cursor is None:
+            missed = store.undelivered(id_)
+            for msg in missed:
+                out.append(sse_event(msg.mid, msg.body))
+                store.delivered(msg)
+            self.count[DELIVERED] += len(missed)
+            self.stream_send(fd, b"".join(out), False, replay=True)
+            return
+        if store.gap(id_, cursor) and not store.evicted_after(id_, cursor):
+            out.append(sse_control(b"gap", cursor_text(cursor)))  # (else replay_more says it)
+        backlog = self.backlog[fd] = Backlog(cursor)
+        backlog.out += b"".join(out)
+        backlog.replay = len(backlog.out)
+        self.flush_stream(fd)
+
+    def stream_send(self, fd: int, data: bytes, kept: bool, replay: bool = False) -> bool:
+        """Write to a stream, or add to its backlog. A stream still replaying history skips a
+        kept message (the replay reaches it). Past --sse-buffer of live bytes unsent, the
+        stream is closed: its EventSource comes back with Last-Event-ID and replays."""
+        backlog = self.backlog.get(fd) if self.backlog else None
+        if backlog is None:
+            try:
+                n = os.write(fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                self.close_on_error(fd, e)
+                return False
+            if n == len(data):
+                return True
+            backlog = self.backlog[fd] = Backlog()
+            backlog.out += memoryview(data)[n:]
+            if replay:
+                backlog.replay = len(backlog.out)
+            else:
+                backlog.live = len(backlog.out)
+            self.watch(fd, EPOLL_CLIENT | select.EPOLLOUT)
+            return self.state[fd] is not None
+        if backlog.cursor is not None:
+            if kept:
+                return False  # written, and counted, when the replay reaches it
+            backlog.after += data
+        else:
+            backlog.out += data
+        backlog.live += len(data)
+        if backlog.live > self.sse_buffer:
+            self.close(fd, CLOSED_SSE_BUFFER)
+            return False
+        return True
+
+    def flush_stream(self, fd: int) -> None:
+        """Write a stream's backlog as far as the socket takes it, reading the replay from
+        history as it goes; once all is written the stream is an idle waiter again."""
+        backlog = self.backlog[fd]
+        out = backlog.out
+        while True:
+            if not out and backlog.cursor is not None:
+                self.replay_more(fd, backlog)
+            if not out:
+                break
+            try:
+                n = os.write(fd, out)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                self.close_on_error(fd, e)
+                return
+            replayed = min(n, backlog.replay)
+            backlog.replay -= replayed
+            backlog.live -= n - replayed
+            del out[:n]
+            if out:
+                self.watch(fd, EPOLL_CLIENT | select.EPOLLOUT)
+                return
+        del self.backlog[fd]
+        self.watch(fd, EPOLL_CLIENT)
+
+    def replay_more(self, fd: int, backlog: Backlog) -> None:
+        """Put the next REPLAY_CHUNK of the id's history after the cursor in the backlog; at
+        its end the replay is done, and the broadcasts held meanwhile follow."""
+        id_, store, out = self.state[fd], self.store, backlog.out
+        if store.evicted_after(id_, backlog.cursor):
+            # Messages after the cursor were evicted (before the stream opened, or while it
+            # was behind): the gap event comes first.
+            out += sse_control(b"gap", cursor_text(backlog.cursor))
+        sent = 0
+        while len(out) < REPLAY_CHUNK:
+            msg = store.after(id_, backlog.cursor)
+            if msg is None:
+                backlog.cursor = None  # caught up: now the broadcasts held meanwhile
+                backlog.replay = len(out)
+                out += backlog.after  # live bytes, counted in backlog.live when they came
+                backlog.after = bytearray()
+                break
+            out += sse_event(msg.mid, msg.body)
+            backlog.cursor = msg.key
+            store.delivered(msg)
+            sent += 1
+        else:
+            backlog.replay = len(out)
+        self.count[DELIVERED] += sent
+
+    def end_stream(self, fd: int, last: bytes) -> None:
+        """Close a stream after its backlog and `last` are written (an answer, then closed)."""
+        backlog = self.backlog.get(fd) if self.backlog else None
+        self.answer(fd, bytes(backlog.out) + last if backlog else last)
+
+    def heartbeat(self) -> None:
+        """A comment to every idle stream, one pass for all: no timer per stream (SPEC)."""
+        k = 0
+        for w in list(self.waiters.values()):
+            for fd in [w] if w.__class__ is int else list(w):
+                if self.is_stream[fd] and fd not in self.backlog:
+                    try:
+                        os.write(fd, HEARTBEAT)
+                    except BlockingIOError:
+                        pass  # its buffer is full of what it has not read: no need
+                    except OSError as e:
+                        self.close_on_error(fd, e)
+                    k += 1
+                    if not k % BEAT_EVERY:
+                        self.count[BEAT_NS] = time.monotonic_ns()
 
     # -- the manager link --------------------------------------------------------------------
 
@@ -884,11 +1285,11 @@ class Worker:
         count = self.count
         base = self.link_read - len(data)  # link offset of data[0]
         frames, used = link.decode(data)
-        for kind, id_, message, end in frames:
+        for kind, id_, message, ms, seq, end in frames:
             if kind == MSG:
-                self.deliver(id_, message)
+                self.deliver(id_, ms << SEQ_BITS | seq, b"%d-%d" % (ms, seq), message)
             else:
-                self.broadcast(message)
+                self.broadcast(b"%d-%d" % (ms, seq), message)
             count[LINK_DONE] = base + end
         self.link_in = data[used:]
 
@@ -915,14 +1316,16 @@ class Worker:
         if self.flushing:
             for fd in due(self.flushing, now, nxt):
                 self.close(fd, CLOSED_WRITE_TIMEOUT)  # a client that does not read its answer
-        order = self.order
-        while order and order[0][0] <= now:
-            entry = order.popleft()
-            if entry[2] is not None:
-                self.unqueue(entry)
-                self.count[EXPIRED] += 1
-        if order:
-            nxt.append(order[0][0])
+        kept = self.store.expire(now)
+        if kept is not None:
+            nxt.append(kept)
+        if self.sse_heartbeat > 0 and self.count[STREAMS]:
+            if now >= self.next_heartbeat:
+                self.heartbeat()
+                self.next_heartbeat = now + self.sse_heartbeat
+            nxt.append(self.next_heartbeat)
+        else:
+            self.next_heartbeat = now + self.sse_heartbeat  # the first comes a period after
         if self.accept_paused_until:
             if self.accept_paused_until <= now:
                 self.accept_paused_until = 0.0
@@ -958,8 +1361,12 @@ class Worker:
                 s = state[fd]
                 if s is None:
                     continue  # closed earlier in this batch
-                if ev & select.EPOLLOUT and s == WRITING and fd in self.outbuf:
-                    self.flush(fd)
+                if ev & select.EPOLLOUT:
+                    if s == WRITING:
+                        if fd in self.outbuf:
+                            self.flush(fd)
+                    elif self.backlog and fd in self.backlog:
+                        self.flush_stream(fd)  # a stream that was behind
                     if state[fd] is None or not ev & ~select.EPOLLOUT:
                         continue
                 if s == READING:
@@ -989,11 +1396,16 @@ def due(table: dict, now: float, nxt: list) -> list:
     return expired
 
 
-def query_callback(query: bytes):
+def query_params(query: bytes):
+    """(callback, since) from a poll's query; None for either that is absent. Other
+    parameters are ignored (a cache-busting `_=`, say)."""
+    callback = since = None
     for part in query.split(b"&"):
         if part.startswith(b"callback="):
-            return part[9:]
-    return None
+            callback = part[9:]
+        elif part.startswith(b"since="):
+            since = part[6:]
+    return callback, since
 
 
 def log(line: str) -> None:
@@ -1048,6 +1460,9 @@ def parse_args(argv=None):
     p.add_argument("--queue-max", type=options.positive_int, default=100)
     p.add_argument("--queue-bytes", type=options.positive_int, default=64 * 1024 * 1024)
     p.add_argument("--poll-timeout", type=options.non_negative, default=0.0)
+    p.add_argument("--max-waiters", type=options.positive_int, default=4)
+    p.add_argument("--sse-heartbeat", type=options.non_negative, default=30.0)
+    p.add_argument("--sse-buffer", type=options.positive_int, default=256 * 1024)
     p.add_argument("--header-timeout", type=options.positive_float, default=10.0)
     p.add_argument("--write-timeout", type=options.positive_float, default=30.0)
     p.add_argument("--worker-timeout", type=options.positive_float, default=10.0)

@@ -136,8 +136,8 @@ def main(argv=None) -> int:
             wait_idle([pid], quiet=0.5, timeout=60)
             os.kill(pid, signal.SIGUSR1)
             time.sleep(0.2)
-            mine.sendall(b"".join(link.encode(link.MSG, i, b"hello")
-                                  for i in (b"u%d" % k for k in range(a.conns))))
+            mine.sendall(b"".join(link.encode(link.MSG, b"u%d" % k, b"hello", 1, k)
+                                  for k in range(a.conns)))
             deadline = time.monotonic() + 120
             while load.stats()["s200"] < a.conns and time.monotonic() < deadline:
                 time.sleep(0.1)

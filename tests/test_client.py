@@ -363,7 +363,7 @@ def real(status, body=b"", ctype=server.TEXT, extra=b""):
 REAL = [
     real(200, b"t=12;seq=3"), real(200), real(204),
     real(307, extra=b"Location: http://127.0.0.1:8003/a1.js?x=1\r\n"),
-    real(200, server.jsonp_body(b"cb", b"\r\n\r\nhi"), server.JS),
+    real(200, server.jsonp_body(b"cb", b"\r\n\r\nhi", b"1-0"), server.JS),
     real(409, b"pushed out: a 5th poll on this id\r\n\r\n"),
 ]
 

@@ -4,6 +4,7 @@ Helpers at the top are shared with test_app.py and test_manager.py."""
 
 import json
 import random
+import re
 import select
 import socket
 import struct
@@ -18,7 +19,8 @@ from server import owner
 # ---------------------------------------------------------------------------------------------
 
 TAIL_HEADERS = {"content-length", "content-type", "cache-control",
-                "access-control-allow-origin", "connection"}
+                "access-control-allow-origin", "access-control-expose-headers", "connection"}
+MID_RE = re.compile(r"[0-9]+-[0-9]+")
 
 
 def wait_until(cond, timeout: float = 5.0, interval: float = 0.02, what: str = "condition"):
@@ -175,7 +177,9 @@ def test_long_poll_holds_then_delivers_with_exact_head(manager):
     s.close()
     assert status == 200
     assert lines[0].startswith("HTTP/1.1 200")
-    assert set(headers) == TAIL_HEADERS  # exactly these: no Date, nothing else
+    assert set(headers) == TAIL_HEADERS | {"x-message-id"}  # exactly these: no Date
+    assert MID_RE.fullmatch(headers["x-message-id"])
+    assert headers["access-control-expose-headers"] == "X-Message-Id, X-Message-Gap"
     assert headers["content-length"] == "11"
     assert headers["content-type"] == "text/plain; charset=utf-8"
     assert headers["cache-control"] == "no-store"
@@ -207,7 +211,8 @@ def test_queued_messages_come_one_per_poll_in_fifo_order(manager):
         status, _, headers, body = poll_now(port, id_)
         assert (status, body) == (200, b"m%d" % i)
         assert headers["content-type"] == "text/plain; charset=utf-8"
-    assert totals(m)["queued_messages"] == 0
+    assert totals(m)["undelivered"] == 0
+    assert totals(m)["queued_messages"] == 3  # kept, delivered, as history (SPEC v2)
     s = hold(m, id_)  # the queue is empty: the next poll waits
     assert still_waiting(s)
     s.close()
@@ -309,9 +314,10 @@ def test_jsonp_wraps_and_escapes(manager):
     status, _, headers, body = answer(s)
     assert status == 200
     assert headers["content-type"] == "application/javascript"
-    assert set(headers) == TAIL_HEADERS
-    assert body.startswith(b'cb("') and body.endswith(b'");')
-    inner = body[3:-2]
+    assert set(headers) == TAIL_HEADERS | {"x-message-id"}
+    mid = headers["x-message-id"]
+    assert body.startswith(b'cb("') and body.endswith(b', "%s");' % mid.encode())
+    inner = body[3:-len(mid) - 6]
     assert json.loads(inner.decode("utf-8")) == 'he said "hi" \\ \n caf\u00e9 \ufffd\ufffd end'
     assert b'\\"hi\\"' in inner
     assert b"\n" not in body
@@ -325,7 +331,7 @@ def test_jsonp_for_a_queued_message_with_a_dotted_callback(manager):
     status, _, headers, body = poll_now(m.port_for(id_), id_, "?t=5&callback=$.cb_1")
     assert status == 200
     assert headers["content-type"] == "application/javascript"
-    assert body == b'$.cb_1("x");'
+    assert body == b'$.cb_1("x", "%s");' % headers["x-message-id"].encode()
 
 
 def test_jsonp_and_plain_waiters_on_one_id(manager):
@@ -334,7 +340,8 @@ def test_jsonp_and_plain_waiters_on_one_id(manager):
     a = hold(m, id_, "?callback=f")
     b = hold(m, id_, "", n_before=1)
     send(m, id_, b"both")
-    assert answer(a)[3] == b'f("both");'
+    _, _, headers, body = answer(a)
+    assert body == b'f("both", "%s");' % headers["x-message-id"].encode()
     assert answer(b)[3] == b"both"
 
 
@@ -353,7 +360,8 @@ def test_longest_callback_is_accepted(manager):
     id_ = id_for(0, "cb64")
     s = hold(m, id_, "?callback=" + "a" * 64)
     send(m, id_, b"ok")
-    assert answer(s)[3] == b"a" * 64 + b'("ok");'
+    _, _, headers, body = answer(s)
+    assert body == b"a" * 64 + b'("ok", "%s");' % headers["x-message-id"].encode()
 
 
 def test_cors_origin_option_is_reflected(manager_factory):
@@ -398,7 +406,7 @@ def test_fan_out_to_two_waiters_on_one_id(manager):
     send(m, id_, b"to both")
     assert answer(a)[:1] == (200,) and answer(b)[:1] == (200,)
     wait_waiting(m, 0)
-    assert totals(m)["queued_messages"] == 0
+    assert totals(m)["undelivered"] == 0
 
 
 def test_fifth_waiter_pushes_the_oldest_out_with_409(manager):
@@ -608,7 +616,7 @@ def test_one_of_two_waiters_disconnects(manager):
     send(m, id_, b"for b")
     assert answer(b)[3] == b"for b"
     wait_total(m, "delivered", 1)
-    assert totals(m)["queued_messages"] == 0
+    assert totals(m)["undelivered"] == 0
 
 
 def test_errors_do_not_disturb_a_waiting_connection(manager):

@@ -20,12 +20,14 @@ from server import owner
 
 ids = st.binary(min_size=0, max_size=40)
 payloads = st.binary(min_size=0, max_size=300)
-frames_st = st.lists(st.tuples(st.sampled_from([MSG, BROADCAST]), ids, payloads), max_size=30)
+u64 = st.integers(min_value=0, max_value=2**64 - 1)
+frames_st = st.lists(st.tuples(st.sampled_from([MSG, BROADCAST]), ids, payloads, u64, u64),
+                     max_size=30)
 
 
 @given(frames_st, st.lists(st.integers(min_value=0, max_value=4000), max_size=10))
 def test_any_split_decodes_to_the_frames_encoded(frames, cuts):
-    stream = b"".join(link.encode(k, i, p) for k, i, p in frames)
+    stream = b"".join(link.encode(*frame) for frame in frames)
     got, rest = [], b""
     bounds = sorted({min(c, len(stream)) for c in cuts} | {len(stream)})
     pos = 0
@@ -33,7 +35,7 @@ def test_any_split_decodes_to_the_frames_encoded(frames, cuts):
         data = rest + stream[pos:b]
         pos = b
         decoded, used = link.decode(data)
-        got += [(k, i, p) for k, i, p, _ in decoded]
+        got += [frame[:5] for frame in decoded]
         ends = [e for *_, e in decoded]
         assert ends == sorted(ends) and (not ends or ends[-1] == used)
         rest = data[used:]
@@ -50,13 +52,14 @@ def test_arbitrary_bytes_decode_or_raise_link_error(data):
     assert all(k in link.KINDS for k, *_ in frames)
 
 
-@given(st.binary(max_size=128), payloads)
-def test_the_message_path_encodes_as_encode_does(id_, message):
-    assert link.encode_msg(id_, message) == link.encode(MSG, id_, message)
+@given(st.binary(max_size=128), payloads, u64, u64)
+def test_the_message_path_encodes_as_encode_does(id_, message, ms, seq):
+    assert link.encode_msg(id_, message, ms, seq) == link.encode(MSG, id_, message, ms, seq)
 
 
 def test_encode_refuses_what_is_not_a_frame():
-    for bad in ((b"X", b"a", b""), (MSG, b"a" * 256, b"")):
+    for bad in ((b"X", b"a", b"", 0, 0), (MSG, b"a" * 256, b"", 0, 0), (MSG, b"a", b"", 2**64, 0),
+                (MSG, b"a", b"", 0, -1)):
         with pytest.raises(ValueError):
             link.encode(*bad)
 
@@ -98,7 +101,7 @@ class ModelWorker:
     def read(self, upto: int) -> None:
         target = min(len(self.link.data), self.done + upto)
         frames, used = link.decode(self.link.data[self.done:target])
-        for _, id_, payload, _end in frames:
+        for _, id_, payload, *_ in frames:
             self.acted.append(id_ + payload)
         self.done += used
 
@@ -126,7 +129,7 @@ def test_outbox_loses_nothing_and_keeps_order_through_any_deaths(ops, limit):
         if op == "put":
             body = b"%d:" % seq + b"x" * arg
             seq += 1
-            data = link.encode(MSG, b"", body)
+            data = link.encode(MSG, b"", body, 1, seq)
             before = box.bytes
             if box.put(data):
                 accepted.append(body)
@@ -167,7 +170,7 @@ def test_a_frame_half_read_by_a_dead_worker_is_replayed_whole():
     box = Outbox(0, 10_000, Flow(), lambda _box: None)
     first = FakeLink()
     box.attach(first)
-    frames = [link.encode(MSG, b"id", b"m%d" % k) for k in range(3)]
+    frames = [link.encode(MSG, b"id", b"m%d" % k, 1, k) for k in range(3)]
     for f in frames:
         box.put(f)
     box.flush()
@@ -186,7 +189,7 @@ def test_a_down_worker_never_holds_the_gate_it_refuses_past_its_limit():
     flow = Flow()
     box = Outbox(0, 10_000, flow, lambda _box: None)
     box.attach(FakeLink())
-    frame = link.encode(MSG, b"id", b"x" * 990)
+    frame = link.encode(MSG, b"id", b"x" * 990, 1, 0)
     while box.put(frame) and box.link is not None:
         if not flow.open.is_set():
             break
@@ -208,8 +211,33 @@ def test_an_ids_message_is_refused_whole_when_one_outbox_is_full():
     router = Router(SimpleNamespace(slots=slots, stopping=False))
     a = next(b"a%d" % i for i in range(99) if owner(b"a%d" % i, 2) == 0)
     b = next(b"b%d" % i for i in range(99) if owner(b"b%d" % i, 2) == 1)
-    assert router.send_one(b, b"x" * 900) is None  # worker 1's outbox is now nearly full
-    refused = router.send([a, b], b"y" * 200)
-    assert refused and "worker 1" in refused
+    mid, refused = router.send_one(b, b"x" * 900)  # worker 1's outbox is now nearly full
+    assert refused is None and mid
+    mid, refused = router.send([a, b], b"y" * 200)
+    assert mid is None and "worker 1" in refused
     assert slots[0].outbox.bytes == 0 and router.messages_in == 1
-    assert router.broadcast(b"z" * 200) and slots[0].outbox.bytes == 0
+    mid, refused = router.broadcast(b"z" * 200)
+    assert mid is None and refused and slots[0].outbox.bytes == 0
+
+
+def test_message_ids_increase_strictly_even_when_the_clock_steps_back(monkeypatch):
+    """Redis's stream id rule: the last ms is kept and seq counts on."""
+    import manager
+    clock = iter([5_000_000_000, 5_000_000_000, 7_000_000_000, 6_000_000_000, 6_000_000_000,
+                  8_000_000_000])
+    monkeypatch.setattr(manager.time, "time_ns", lambda: next(clock))
+    ids = manager.MessageIds()
+    got = [ids.next() for _ in range(6)]
+    assert got == [(5000, 0), (5000, 1), (7000, 0), (7000, 1), (7000, 2), (8000, 0)]
+
+
+def test_an_ids_message_has_one_message_id_on_every_worker():
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    flow = Flow()
+    slots = [SimpleNamespace(outbox=Outbox(n, 10_000, flow, lambda _box: None)) for n in (0, 1)]
+    router = Router(SimpleNamespace(slots=slots, stopping=False))
+    mid, refused = router.send([b"a0", b"a1", b"a2"], b"hi")
+    assert refused is None
+    frames = [f for slot in slots for f in slot.outbox.unsent]
+    decoded = [link.decode(f)[0][0] for f in frames]
+    assert len(decoded) == 3 and {f"{ms}-{seq}" for *_, ms, seq, _end in decoded} == {mid}
