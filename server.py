@@ -16,10 +16,12 @@ A comet connection lives through these states, kept in `state[fd]`, a list index
     accept ──> read at once (TCP_DEFER_ACCEPT: the request came with the connection)
                  │ head incomplete: READING, buffer and deadline in `reading`
                  │ whole head parsed
-                 ├──> answered at once (307, queued message, /_info, error) ──> closed
+                 ├──> answered at once (307, a kept message, /_info, error) ──> closed
                  └──> waiting: state[fd] is the id (bytes); `waiters[id]` holds the fd
-                        │ message / broadcast / 409 / --poll-timeout
-                        └──> answered ──> closed (or WRITING until the answer is flushed)
+                        │ a poll: message / broadcast / 409 / --poll-timeout
+                        │   └──> answered ──> closed (or WRITING until the answer is flushed)
+                        └ a stream (`is_stream[fd]`): each message written, the fd waits on;
+                          one that is behind has a Backlog in `backlog[fd]` until it catches up
 
 Errors are answered, then the write side is shut and the socket is drained for a moment
 (LINGER) before closing, so the client reads the error instead of a reset.
@@ -31,13 +33,12 @@ Invariants:
   refuses the one connection, is counted in the page and logged once per LIMIT_LOG_EVERY.
 - `count[LINK_DONE]` moves past a link frame only once the worker has acted on it whole.
 - A waiting fd is in `waiters[state[fd]]`, and nowhere else holds it (no timers by default).
-- A message is either written to at least one live waiting connection or queued; it is never
+- Every message is written to the live connections waiting on its id and kept in the id's
+  history (`store`, a MessageStore: its own invariants are in its docstring); it is never
   written into a connection we have already seen close. Client events of a batch are handled
   before the manager link, so a hang-up that arrived with a message is seen first.
-- Every queued message is in `queues[id]` and in `order` (arrival order, which is also expiry
-  order since the TTL is one value); `order` may hold tombstones of delivered/dropped ones.
 
-What an idle waiting connection costs (64-bit CPython 3.11, 6-byte id, measured by
+What an idle waiting connection, poll or stream, costs (64-bit CPython 3.11, 6-byte id, measured by
 `make bench-memory`, see README):
 - `waiters` dict entry: 24 B entry + 4 B index slot, with the dict at 1/3–2/3 load: ~40 B
 - the id: a bytes object of 33 + len(id) bytes, rounded up by pymalloc to 16: 48 B
@@ -47,6 +48,8 @@ What an idle waiting connection costs (64-bit CPython 3.11, 6-byte id, measured 
   box, so there nothing grows during a run) and double when an fd does not fit: 40 B per
   slot, paid as the highest fd grows, not per connection.
 - `state[fd]` slot: as `fds`: 0 B
+- a stream: the same, plus its `is_stream[fd]` byte, in a bytearray sized like `state`: 0 B
+- the id's history: nothing for an id with no kept message (no entry in `store.histories`)
 - epoll registration, socket buffers: kernel memory, not in the worker's RSS.
 Measured: 94 B of worker RSS per waiting connection (the rest is glibc keeping the dict's
 old tables after each resize), against 275 B for the C original and ~2,300 B for an asyncio
@@ -978,7 +981,9 @@ class Worker:
         if stream and b"last-event-id" in headers:
             # EventSource sends it when it reconnects. A malformed one is ignored, not 400:
             # that would stop EventSource for good.
-            cursor = parse_cursor(headers[b"last-event-id"]) or cursor
+            last = parse_cursor(headers[b"last-event-id"])
+            if last is not None:
+                cursor = last
         home = x31(id_) % self.workers
         if home != self.n:
             try:
