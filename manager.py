@@ -17,6 +17,7 @@ Three roles, in this order in the file, split as gunicorn splits its arbiter fro
   lines; a worker that cannot boot exits with server.EXIT_BOOT_ERROR and the manager stops
   instead of restart-looping. It also reads the figures for /stats from the pages: no worker
   is asked, so a stopped or busy one cannot delay an answer.
+- Router: one message id per accepted message (MessageIds), the frames into the outboxes.
 - AppServer: the app port's three protocols, told apart by the first byte of a connection
   (0x02 the original's binary frames, `{` JSON lines, an ASCII letter HTTP/1.1). It only needs
   a Router (send, broadcast), the stats and the Flow gate.
@@ -27,11 +28,12 @@ a clear error; an accepted one stays in the outbox until the worker's page says 
 (link_done), and is replayed to the successor of a worker that died first. While any outbox
 holds more than FLOW_HIGH bytes the manager stops reading app connections (Flow): a burst slows
 the publisher instead of being dropped, and a hung worker cannot hold that for longer than
---worker-timeout, after which the watchdog kills it. Lost are only: what a dying worker had
-queued (counted as `lost` from its page), what --queue-ttl, --queue-max and --queue-bytes drop
-(counted), and a message written to a client that vanished without a FIN while we had not yet
-noticed (keepalive reaps those). A frame the worker was acting on when it was killed may be
-delivered twice (at-least-once).
+--worker-timeout, after which the watchdog kills it. Lost are only: what a dying worker held
+that no client had had (counted as `lost` from its page), what --queue-ttl, --queue-max and
+--queue-bytes evict before a client had it (counted), and a message written to a client that
+vanished without a FIN while we had not yet noticed (keepalive reaps those). A frame the worker
+was acting on when it was killed may be delivered twice (at-least-once); it keeps its message
+id (MessageIds, given at acceptance), so clients recognise the second copy.
 """
 
 import argparse
