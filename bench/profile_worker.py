@@ -2,7 +2,7 @@
 forked child under tracemalloc or cProfile, with the same load as bench/memory.py and
 bench/cpu.py (no manager: this script writes the link frames itself).
 
-    .venv/bin/python bench/profile_worker.py memory [--conns 19000]
+    .venv/bin/python bench/profile_worker.py memory [--conns 19000] [--suffix sse]
     .venv/bin/python bench/profile_worker.py cpu [--conns 19000] [--top 25]
     .venv/bin/python bench/profile_worker.py time [--conns 19000] [--defer-accept 10]
 
@@ -11,6 +11,8 @@ allocations that grew, by line, next to the RSS growth (the gap is allocator ove
 cpu: cProfile of (a) the connections coming in and (b) one message each, printed apart.
 time: no tracer; the worker's utime+stime per connection and per message (no manager).
 --defer-accept S sets TCP_DEFER_ACCEPT on the listener, to try what it saves.
+--suffix sse: the connections are Server-Sent Events streams (`GET /u<i>.sse`) instead of
+long polls (`.js`); in cpu and time modes each stream gets its message and stays open.
 An analysis tool, not a benchmark: the tracer slows the worker several times over.
 """
 
@@ -40,7 +42,7 @@ import link  # noqa: E402
 import server  # noqa: E402
 
 
-def child(mode: str, listener: socket.socket, link_fd: int, top: int) -> None:
+def child(mode: str, listener: socket.socket, link_fd: int, top: int, conns: int) -> None:
     os.sched_setaffinity(0, SERVER_CPUS)
     opts = server.parse_args(["--worker", "0", "--workers", "1"])
     os.set_blocking(link_fd, False)
@@ -63,7 +65,7 @@ def child(mode: str, listener: socket.socket, link_fd: int, top: int) -> None:
                 t[0] = cpu_seconds(os.getpid())
             else:
                 label = "connection" if step[0] == 2 else "message"
-                per = (cpu_seconds(os.getpid()) - t[0]) / worker.accepted * 1e6
+                per = (cpu_seconds(os.getpid()) - t[0]) / conns * 1e6
                 print(f"worker CPU per {label}: {per:.1f} µs", file=sys.stderr, flush=True)
         elif step[0] % 2:
             prof.enable()
@@ -81,12 +83,14 @@ def child(mode: str, listener: socket.socket, link_fd: int, top: int) -> None:
 
 def report_memory(snaps, worker, top) -> None:
     (s0, r0), (s1, r1) = snaps
-    n = worker.waiting
+    n = worker.count[server.WAITING]
+    streams = worker.count[server.STREAMS]
     out = sys.stderr
     diff = s1.compare_to(s0, "lineno")
     traced = sum(d.size_diff for d in diff)
-    print(f"\n===== {n:,} waiting: RSS +{r1 - r0:,} B = {(r1 - r0) / n:.1f} B/conn; "
-          f"tracemalloc +{traced:,} B = {traced / n:.1f} B/conn =====", file=out)
+    print(f"\n===== {n:,} waiting ({streams:,} of them streams): RSS +{r1 - r0:,} B = "
+          f"{(r1 - r0) / n:.1f} B/conn; tracemalloc +{traced:,} B = {traced / n:.1f} B/conn "
+          "=====", file=out)
     for d in diff[:top]:
         if d.size_diff:
             print(f"  {d.size_diff / n:8.1f} B/conn  {d.count_diff:+8,} blocks  "
@@ -94,7 +98,8 @@ def report_memory(snaps, worker, top) -> None:
                   file=out)
     tables = {name: getattr(worker, name) for name in
               ("waiters", "reading", "poll_deadlines", "lingering", "outbuf", "jsonp",
-               "queues")}
+               "backlog", "garbage")}
+    tables["store.histories"] = worker.store.histories
     print("  tables (sys.getsizeof, containers only): " + ", ".join(
         f"{k} {len(v):,} entries {sys.getsizeof(v):,} B" for k, v in tables.items()), file=out)
     out.flush()
@@ -106,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--defer-accept", type=int, default=0, metavar="S")
     p.add_argument("--conns", type=int, default=19000)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--suffix", default="js", choices=("js", "sse"),
+                   help="js: long polls (default); sse: Server-Sent Events streams")
     a = p.parse_args(argv)
     port = free_port_block(1)
     listener = server.make_listener("127.0.0.1", port, 4096, 60)
@@ -116,7 +123,10 @@ def main(argv=None) -> int:
     if pid == 0:
         mine.close()
         try:
-            child(a.mode, listener, theirs.fileno(), a.top)
+            child(a.mode, listener, theirs.fileno(), a.top, a.conns)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
         finally:
             os._exit(0)
     theirs.close()
@@ -127,7 +137,8 @@ def main(argv=None) -> int:
         wait_idle([pid])
         os.kill(pid, signal.SIGUSR1)
         time.sleep(0.5)
-        load = LoadGroup(port, a.conns, rate=0 if a.mode == "memory" else 8000)
+        load = LoadGroup(port, a.conns, rate=0 if a.mode == "memory" else 8000,
+                         suffix=a.suffix)
         load.wait_open()
         wait_idle([pid], quiet=0.5, timeout=120)
         os.kill(pid, signal.SIGUSR1)
@@ -136,10 +147,17 @@ def main(argv=None) -> int:
             wait_idle([pid], quiet=0.5, timeout=60)
             os.kill(pid, signal.SIGUSR1)
             time.sleep(0.2)
+            read0 = load.stats()["bytes"]
             mine.sendall(b"".join(link.encode(link.MSG, b"u%d" % k, b"hello", 1, k)
                                   for k in range(a.conns)))
             deadline = time.monotonic() + 120
-            while load.stats()["s200"] < a.conns and time.monotonic() < deadline:
+            # a poll's answer is its first chunk (a 200); a stream already had its 200 head,
+            # so there count the event's bytes (each at least `data: hello` and a blank line)
+            while time.monotonic() < deadline:
+                st = load.stats()
+                if (st["s200"] >= a.conns if a.suffix == "js" else
+                        st["bytes"] - read0 >= a.conns * len(b"data: hello\n\n")):
+                    break
                 time.sleep(0.1)
             wait_idle([pid], quiet=0.5, timeout=60)
             os.kill(pid, signal.SIGUSR1)
