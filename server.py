@@ -324,9 +324,13 @@ def parse_cursor(text: bytes):
     """The key of a cursor `<digits>-<digits>`, each part below 2**64, or None if `text` is
     not one."""
     m = CURSOR_RE.fullmatch(text)
-    if m is None or len(m[1].lstrip(b"0")) > 20 or len(m[2].lstrip(b"0")) > 20:
-        return None  # (checked before int(): it refuses strings over 4,300 digits)
-    ms, seq = int(m[1]), int(m[2])
+    if m is None:
+        return None
+    # Leading zeros off before int(), which refuses strings over 4,300 digits (a head is 8 KiB).
+    ms, seq = m[1].lstrip(b"0") or b"0", m[2].lstrip(b"0") or b"0"
+    if len(ms) > 20 or len(seq) > 20:
+        return None
+    ms, seq = int(ms), int(seq)
     if ms >> SEQ_BITS or seq >> SEQ_BITS:
         return None
     return ms << SEQ_BITS | seq
@@ -386,9 +390,11 @@ we started: the lost ones are older still).
         self.forgotten = 0  # newest key the store no longer remembers evicting
 
     def append(self, id_: bytes, key: int, mid: bytes, body: bytes, now: float,
-               delivered: bool = False):
+               delivered: bool = False, trim: bool = True):
         """Keep a new message; returns it, or None for a key not above the id's newest (a
-        frame replayed twice: already kept)."""
+        frame replayed twice: already kept). With trim=False the caller calls trim() itself
+        (the worker, after writing the message to its waiters: one bigger than max_bytes is
+        still delivered, then evicted)."""
         history = self.histories.get(id_)
         if history is not None and history[-1].key >= key:
             return None
@@ -410,6 +416,13 @@ we started: the lost ones are older still).
         count[QUEUED_BYTES] += len(body)
         if not delivered:
             count[UNDELIVERED] += 1
+        if trim:
+            self.trim(now)
+        return msg
+
+    def trim(self, now: float) -> None:
+        """Evict the oldest messages while the bodies kept exceed max_bytes."""
+        count = self.count
         order = self.order
         while count[QUEUED_BYTES] > self.max_bytes:
             old = order.popleft()
@@ -419,7 +432,6 @@ we started: the lost ones are older still).
             # Tombstones of messages evicted by the per-id cap wait for the head; compact
             # when they are the majority, so `order` stays within twice what is kept.
             self.order = deque(m for m in order if m.body is not None)
-        return msg
 
     def evict(self, msg: Message, cause: int, now: float) -> None:
         """Remove a kept message; it is always the oldest of its id."""
@@ -443,7 +455,8 @@ we started: the lost ones are older still).
         """Evict what reached its TTL and forget old evictions; returns the next deadline
         (None when nothing is kept or remembered)."""
         order = self.order
-        while order and order[0].expires <= now:
+        # A tombstone's `expires` is when to forget its eviction, not its TTL: it goes at once.
+        while order and (order[0].body is None or order[0].expires <= now):
             msg = order.popleft()
             if msg.body is not None:
                 self.evict(msg, EXPIRED, now)
@@ -546,20 +559,33 @@ def sse_control(event: bytes, data: bytes) -> bytes:
 
 
 class Backlog:
-    """What a stream could not write yet (only streams that are behind have one):
-    `out`, the bytes to write next, of which the first `replay` are history being replayed
-    and `live` are messages sent to the stream as they arrived (only those count against
-    --sse-buffer); `cursor`, while the replay is not done, the key of the last message put in
-    `out` (the next ones are read from history as the socket drains); `after`, broadcasts that
-    arrived during the replay (they are in no history), written once it is done."""
-    __slots__ = ("out", "replay", "live", "cursor", "after")
+    """What a stream could not write yet (only a stream that is behind has one).
+
+    `out`: the bytes to write next; its first `replay` bytes are history being replayed, the
+    rest live messages. `live`: bytes of live messages not yet written, in `out` or in
+    `after` (only those count against --sse-buffer). `cursor`: while the replay is not done,
+    the key of the newest message put in `out`; the next ones are read from history as the
+    socket drains, including those that arrive meanwhile (they are history too, and part of
+    the replay). `after`: broadcasts that arrived during the replay (they are in no
+    history), written when it is done. `marks`: [offset of an event's
+    end, its Message or None] for the events in `out`: an event counts as delivered when its
+    last byte is written (`base` is the bytes written so far), so a stream closed with
+    messages unsent leaves them undelivered for the next poll. `armed`: EPOLLOUT asked for."""
+    __slots__ = ("out", "replay", "live", "cursor", "after", "marks", "base", "armed")
 
     def __init__(self, cursor=None):
         self.out = bytearray()
         self.replay = 0
         self.live = 0
         self.cursor = cursor
-        self.after = bytearray()
+        self.after: list = []
+        self.marks: deque = deque()
+        self.base = 0
+        self.armed = False
+
+    def add(self, event: bytes, msg) -> None:
+        self.out += event
+        self.marks.append((self.base + len(self.out), msg))
 
 
 def location(req: Request, port: int, fd: int) -> bytes:
@@ -1088,17 +1114,24 @@ class Worker:
         return response_head(200, len(body), JS, self.tail, extra) + body
 
     def deliver(self, id_: bytes, key: int, mid: bytes, message: bytes) -> None:
-        """A message for an id we own: to every poll and stream waiting on it, and into the
-        id's history (delivered or not; a stream still replaying reads it from there)."""
-        sent = 0
+        """A message for an id we own: kept in the id's history, and written to every poll
+        and stream waiting on it (a stream that is behind reads it from history later)."""
+        store = self.store
+        now = time.monotonic()
+        msg = store.append(id_, key, mid, message, now, trim=False)
+        if msg is None:
+            return  # kept already (a frame replayed twice)
         if id_ in self.waiters:
-            sent = self.to_waiters(id_, mid, message, True)
-            self.count[DELIVERED] += sent
-        self.store.append(id_, key, mid, message, time.monotonic(), sent > 0)
+            sent = self.to_waiters(id_, mid, message, msg)
+            if sent:
+                store.delivered(msg)
+                self.count[DELIVERED] += sent
+        store.trim(now)
 
-    def to_waiters(self, id_: bytes, mid: bytes, message: bytes, kept: bool) -> int:
-        """Answer every poll waiting on id_, write to every stream; returns how many had it.
-        `kept`: the message is in the id's history (not a broadcast)."""
+    def to_waiters(self, id_: bytes, mid: bytes, message: bytes, msg) -> int:
+        """Answer every poll waiting on id_, write to every stream; returns how many had it
+        whole now (a stream that is behind counts it when written). `msg`: the kept Message,
+        None for a broadcast."""
         w = self.waiters[id_]
         sent = 0
         plain = event = None
@@ -1106,7 +1139,7 @@ class Worker:
             if self.is_stream[fd]:
                 if event is None:
                     event = sse_event(mid, message)
-                sent += self.stream_send(fd, event, kept)
+                sent += self.stream_send(fd, event, msg)
                 continue
             callback = self.jsonp.get(fd) if self.jsonp else None
             gap = fd in self.gapped if self.gapped else False
@@ -1123,7 +1156,7 @@ class Worker:
         count = self.count
         for k, id_ in enumerate(list(self.waiters)):
             if id_ in self.waiters:  # (a stream pushed out above may have been its last)
-                count[DELIVERED] += self.to_waiters(id_, mid, message, False)
+                count[DELIVERED] += self.to_waiters(id_, mid, message, None)
             if not k % BEAT_EVERY:  # 500,000 answers take seconds: still alive
                 count[BEAT_NS] = time.monotonic_ns()
 
@@ -1140,62 +1173,56 @@ class Worker:
         self.is_stream[fd] = 1
         self.count[STREAMS] += 1
         store = self.store
-        out = [self.sse_head]
-        if cursor is None:
-            missed = store.undelivered(id_)
-            for msg in missed:
-                out.append(sse_event(msg.mid, msg.body))
-                store.delivered(msg)
-            self.count[DELIVERED] += len(missed)
-            self.stream_send(fd, b"".join(out), False, replay=True)
-            return
-        if store.gap(id_, cursor) and not store.evicted_after(id_, cursor):
-            out.append(sse_control(b"gap", cursor_text(cursor)))  # (else replay_more says it)
         backlog = self.backlog[fd] = Backlog(cursor)
-        backlog.out += b"".join(out)
+        backlog.out += self.sse_head
+        if cursor is None:
+            for msg in store.undelivered(id_):
+                backlog.add(sse_event(msg.mid, msg.body), msg)
+        elif store.gap(id_, cursor) and not store.evicted_after(id_, cursor):
+            backlog.out += sse_control(b"gap", cursor_text(cursor))  # (else replay_more does)
         backlog.replay = len(backlog.out)
         self.flush_stream(fd)
 
-    def stream_send(self, fd: int, data: bytes, kept: bool, replay: bool = False) -> bool:
-        """Write to a stream, or add to its backlog. A stream still replaying history skips a
-        kept message (the replay reaches it). Past --sse-buffer of live bytes unsent, the
-        stream is closed: its EventSource comes back with Last-Event-ID and replays."""
+    def stream_send(self, fd: int, event: bytes, msg) -> bool:
+        """Write an event to a stream; True if written whole now. A stream that is behind
+        takes it into its backlog, or, while it replays history, skips a kept message (the
+        replay reaches it). Past --sse-buffer of live bytes unsent the stream is closed: its
+        EventSource comes back with Last-Event-ID and catches up from history."""
         backlog = self.backlog.get(fd) if self.backlog else None
         if backlog is None:
             try:
-                n = os.write(fd, data)
+                n = os.write(fd, event)
             except BlockingIOError:
                 n = 0
             except OSError as e:
                 self.close_on_error(fd, e)
                 return False
-            if n == len(data):
+            if n == len(event):
+                if msg is not None:
+                    self.store.delivered(msg)
                 return True
             backlog = self.backlog[fd] = Backlog()
-            backlog.out += memoryview(data)[n:]
-            if replay:
-                backlog.replay = len(backlog.out)
-            else:
-                backlog.live = len(backlog.out)
+            backlog.add(memoryview(event)[n:], msg)
+            backlog.live = len(backlog.out)
+            backlog.armed = True
             self.watch(fd, EPOLL_CLIENT | select.EPOLLOUT)
-            return self.state[fd] is not None
-        if backlog.cursor is not None:
-            if kept:
-                return False  # written, and counted, when the replay reaches it
-            backlog.after += data
+            return False
+        if backlog.cursor is None:
+            backlog.add(event, msg)
+        elif msg is None:
+            backlog.after.append(event)
         else:
-            backlog.out += data
-        backlog.live += len(data)
+            return False  # written, and counted, when the replay reaches it
+        backlog.live += len(event)
         if backlog.live > self.sse_buffer:
             self.close(fd, CLOSED_SSE_BUFFER)
-            return False
-        return True
+        return False
 
     def flush_stream(self, fd: int) -> None:
         """Write a stream's backlog as far as the socket takes it, reading the replay from
         history as it goes; once all is written the stream is an idle waiter again."""
         backlog = self.backlog[fd]
-        out = backlog.out
+        out, marks = backlog.out, backlog.marks
         while True:
             if not out and backlog.cursor is not None:
                 self.replay_more(fd, backlog)
@@ -1212,11 +1239,20 @@ class Worker:
             backlog.replay -= replayed
             backlog.live -= n - replayed
             del out[:n]
+            backlog.base += n
+            while marks and marks[0][0] <= backlog.base:
+                msg = marks.popleft()[1]
+                self.count[DELIVERED] += 1
+                if msg is not None:
+                    self.store.delivered(msg)
             if out:
-                self.watch(fd, EPOLL_CLIENT | select.EPOLLOUT)
+                if not backlog.armed:
+                    backlog.armed = True
+                    self.watch(fd, EPOLL_CLIENT | select.EPOLLOUT)
                 return
         del self.backlog[fd]
-        self.watch(fd, EPOLL_CLIENT)
+        if backlog.armed:
+            self.watch(fd, EPOLL_CLIENT)
 
     def replay_more(self, fd: int, backlog: Backlog) -> None:
         """Put the next REPLAY_CHUNK of the id's history after the cursor in the backlog; at
@@ -1226,22 +1262,18 @@ class Worker:
             # Messages after the cursor were evicted (before the stream opened, or while it
             # was behind): the gap event comes first.
             out += sse_control(b"gap", cursor_text(backlog.cursor))
-        sent = 0
         while len(out) < REPLAY_CHUNK:
             msg = store.after(id_, backlog.cursor)
             if msg is None:
                 backlog.cursor = None  # caught up: now the broadcasts held meanwhile
                 backlog.replay = len(out)
-                out += backlog.after  # live bytes, counted in backlog.live when they came
-                backlog.after = bytearray()
-                break
-            out += sse_event(msg.mid, msg.body)
+                for event in backlog.after:
+                    backlog.add(event, None)  # live bytes, counted when they came
+                backlog.after = []
+                return
+            backlog.add(sse_event(msg.mid, msg.body), msg)
             backlog.cursor = msg.key
-            store.delivered(msg)
-            sent += 1
-        else:
-            backlog.replay = len(out)
-        self.count[DELIVERED] += sent
+        backlog.replay = len(out)
 
     def end_stream(self, fd: int, last: bytes) -> None:
         """Close a stream after its backlog and `last` are written (an answer, then closed)."""
