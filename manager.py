@@ -108,11 +108,11 @@ def http_reply(status: int, body: dict, keep: bool, extra: bytes = b"") -> bytes
 
 
 
-def accepted_reply(mid: str, keep: bool) -> bytes:
+def accepted_reply(mid: tuple, keep: bool) -> bytes:
     """202 {"ok": true, "mid": ...}: the answer to nearly every publish, formatted directly."""
-    return b'HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: %d\r\n' \
-        b'Connection: %s\r\n\r\n{"ok": true, "mid": "%s"}' % (
-            len(mid) + 23, b"keep-alive" if keep else b"close", mid.encode())
+    body = b'{"ok": true, "mid": "%d-%d"}' % mid
+    return b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" \
+        b"Connection: %s\r\n\r\n%s" % (len(body), b"keep-alive" if keep else b"close", body)
 
 JSON_NUMBER_DIGITS = 100  # no field of ours is a number; a longer one is an attack on int()
 
@@ -592,7 +592,7 @@ class MessageIds:
 class Router:
     """send / broadcast for the AppServer: a message is accepted whole (into every outbox it
     needs) with one message id, or refused whole with the reason, never half-delivered. Each
-    returns (mid, None) when accepted, (None, why) when not. Nothing is accepted once the
+    returns ((ms, seq), None) when accepted, (None, why) when not. Nothing is accepted once the
     manager is stopping: the links are closing, and it would be lost."""
 
     def __init__(self, supervisor: Supervisor):
@@ -628,7 +628,7 @@ class Router:
         for i in ids:
             self.slots[server.owner(i, W)].outbox.put(link.encode_msg(i, message, ms, seq))
         self.messages_in += len(ids)  # one per id: each copy is kept and counted apart
-        return f"{ms}-{seq}", None
+        return (ms, seq), None
 
     def send_one(self, id_: bytes, message: bytes) -> tuple:
         """The fast path of binary frames and POST /send: one id, no lists."""
@@ -638,7 +638,7 @@ class Router:
         if self.supervisor.stopping or not outbox.put(data):
             return self.full(outbox, len(data))
         self.messages_in += 1
-        return f"{ms}-{seq}", None
+        return (ms, seq), None
 
     def broadcast(self, message: bytes) -> tuple:
         size = link.HEAD_SIZE + len(message)
@@ -650,7 +650,7 @@ class Router:
         for slot in self.slots:
             slot.outbox.put(data)
         self.messages_in += 1
-        return f"{ms}-{seq}", None
+        return (ms, seq), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -819,7 +819,7 @@ class AppServer:
             return no(f"message over --max-message ({self.opts.max_message} bytes)")
         if obj.get("broadcast") is True:
             mid, refused = self.router.broadcast(message)
-            return (no(refused) if refused else ({"ok": True, "mid": mid}, authed))
+            return (no(refused) if refused else ({"ok": True, "mid": "{}-{}".format(*mid)}, authed))
         if "id" in obj:
             ids = [obj["id"]]
         elif "ids" in obj and isinstance(obj["ids"], list):
@@ -832,7 +832,7 @@ class AppServer:
                 return no(f"invalid id {str(id_)[:40]!r}: 1-128 of [A-Za-z0-9_~-]")
             raw.append(id_.encode())
         mid, refused = self.router.send(raw, message)  # all valid: none is half-delivered
-        return no(refused) if refused else ({"ok": True, "mid": mid}, authed)
+        return no(refused) if refused else ({"ok": True, "mid": "{}-{}".format(*mid)}, authed)
 
     async def serve_http(self, reader, writer, buf: bytes) -> None:
         """HTTP/1.1 with keep-alive: POST /send/<id>, POST /broadcast, GET /stats.

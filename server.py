@@ -341,13 +341,14 @@ class Message:
     store forgets that it was evicted (see MessageStore.gap)."""
     __slots__ = ("id", "key", "mid", "body", "expires", "delivered")
 
-    def __init__(self, id_: bytes, key: int, mid: bytes, body: bytes, expires: float):
+    def __init__(self, id_: bytes, key: int, mid: bytes, body: bytes, expires: float,
+                 delivered: bool):
         self.id = id_
         self.key = key
         self.mid = mid  # the id as clients see it, b"<ms>-<seq>"
         self.body = body  # None once evicted
         self.expires = expires
-        self.delivered = False
+        self.delivered = delivered
 
 
 class MessageStore:
@@ -403,8 +404,7 @@ we started: the lost ones are older still).
             # dead one held is lost from before this key on, not from our start.
             self.start_key = key
         count = self.count
-        msg = Message(id_, key, mid, body, now + self.ttl)
-        msg.delivered = delivered
+        msg = Message(id_, key, mid, body, now + self.ttl, delivered)
         if history is None:
             self.histories[id_] = [msg]
         else:
@@ -1126,7 +1126,8 @@ class Worker:
             if sent:
                 store.delivered(msg)
                 self.count[DELIVERED] += sent
-        store.trim(now)
+        if self.count[QUEUED_BYTES] > store.max_bytes:
+            store.trim(now)
 
     def to_waiters(self, id_: bytes, mid: bytes, message: bytes, msg) -> int:
         """Answer every poll waiting on id_, write to every stream; returns how many had it

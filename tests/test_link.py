@@ -240,4 +240,4 @@ def test_an_ids_message_has_one_message_id_on_every_worker():
     assert refused is None
     frames = [f for slot in slots for f in slot.outbox.unsent]
     decoded = [link.decode(f)[0][0] for f in frames]
-    assert len(decoded) == 3 and {f"{ms}-{seq}" for *_, ms, seq, _end in decoded} == {mid}
+    assert len(decoded) == 3 and {(ms, seq) for *_, ms, seq, _end in decoded} == {mid}
