@@ -402,8 +402,10 @@ we started: the lost ones are older still).
         (the worker, after writing the message to its waiters: one bigger than max_bytes is
         still delivered, then evicted)."""
         history = self.histories.get(id_)
-        if history is not None and history[-1].key >= key:
-            return None
+        if history is not None:
+            if history[-1].key >= key:
+                return None
+            id_ = history[-1].id  # one id object per history, not one per message (48 B)
         if key < self.start_key:
             # A frame the manager held for this worker while it was (re)starting: what the
             # dead one held is lost from before this key on, not from our start.
