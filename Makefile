@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test lint run bench-memory bench-cpu check soak clean
+.PHONY: test lint run bench-memory bench-cpu million check soak clean
 
 $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ bench-memory: $(VENV)/.installed
 
 bench-cpu: $(VENV)/.installed
 	$(PY) bench/cpu.py
+
+# TARGET waiting polls on this box, 100,000 messages and a broadcast (bench/million.py).
+TARGET ?= 1000000
+million: $(VENV)/.installed
+	$(PY) bench/million.py --target $(TARGET)
 
 # Every fault and bad input at once for SOAK_SECONDS, then every message accounted for.
 SOAK_SECONDS ?= 300
