@@ -67,8 +67,9 @@ Bounds. Every loop ends by itself: the run stops --hold seconds after the ramp e
 60 s; 0 with --send, whose phase ends when all is received or --grace after the last send), or at
 --max-time (default 1 h), or on SIGINT/SIGTERM; children also stop when the
 parent's pipe closes. Ctrl-C: the children report at once, the summary is out within
-STOP_WAIT_S (a child that has not reported by then is killed), and the processes are gone once the
-kernel has closed their sockets (abortively: RST, no TIME_WAIT left to block the next run).
+STOP_WAIT_S + STOP_WAIT_PER_CHILD_S per child (a child that has not reported by then is
+killed), and the processes are gone once the kernel has closed their sockets (abortively: RST,
+no TIME_WAIT left to block the next run).
 
 The verdict. The exit status says whether the run did what it was asked (EXIT_OK: every id open,
 every message sent and received), and when not, one line on stderr says what it missed and why:
@@ -123,7 +124,9 @@ TICK_S = 1.0                # progress / report period
 STALL_S = 5.0               # the ramp is over when the open count has not grown for this long
 SERVER_CHECKS = 4           # at the ramp's end, ask the manager's /stats up to this often,
 SERVER_CHECK_GAP_S = 0.5    # this far apart, while it holds fewer connections than we opened
-STOP_WAIT_S = 1.5           # the parent waits this long for the children's last reports
+STOP_WAIT_S = 1.5           # the parent waits this long for the children's last reports,
+STOP_WAIT_PER_CHILD_S = 0.2  # and this much more per child: on a small box 51 children busy
+                            # with a million re-polls (a broadcast) took longer than 1.5 s
 REPORT_WRITE_S = 5.0        # a child gives up (and exits 1) when its pipe stays full this long
 REPORT_MAX = 16 << 20       # a report line longer than this was not written by a child
                             # (the largest real one: 65,536 source addresses, ~0.5 MB)
@@ -1652,7 +1655,8 @@ class Parent:
         sent one in STOP_WAIT_S), merge. Reaping comes later, in reap()."""
         cfg = self.cfg
         self.command("stop")
-        until = time.monotonic() + STOP_WAIT_S
+        wait = STOP_WAIT_S + STOP_WAIT_PER_CHILD_S * len(self.kids)
+        until = time.monotonic() + wait
         while time.monotonic() < until and not all(k.final or k.eof for k in self.kids):
             self.read_reports(0.05)
         until = time.monotonic() + REAP_WAIT_S
@@ -1664,7 +1668,7 @@ class Parent:
                 if status is not None:
                     kid.failure += f" ({describe_exit(status)})"
                 continue
-            kid.fail(f"sent no final report within {STOP_WAIT_S:g} s (killed)")
+            kid.fail(f"sent no final report within {wait:g} s (killed)")
             try:
                 os.kill(kid.pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--target", type=int, default=1_000_000)
     p.add_argument("--workers", type=int, default=0, help="default: what the fd limit needs")
     p.add_argument("--messages", type=int, default=100_000)
-    p.add_argument("--send-rate", type=int, default=10_000)
+    p.add_argument("--send-rate", type=int, default=5_000)
     p.add_argument("--max-time", type=float, default=570.0)
     p.add_argument("--json", default=None,
                    help="default bench/results/million-<host>.json")

@@ -740,7 +740,11 @@ def test_a_full_outbox_closes_the_app_connection_and_nothing_taken_is_lost(manag
     within the Sender's first write, and the manager closes the binary-frame connection at the
     first frame it cannot take. The frames before it were taken and arrive once the worker is
     back (none lost); the rest are unsendable, by cause."""
-    m = manager_factory("--queue-bytes", "20000", "--worker-timeout", "60")
+    # 5,000 bytes: a few dozen frames. The manager's first read of the app connection (taken
+    # before the flow gate) may hold only a few hundred of the 3,000 frames, depending on how
+    # the client's writes fall: it must overflow the outbox all the same, or the gate (closed
+    # past half the bound) holds the publisher until the worker is back, and nothing refuses.
+    m = manager_factory("--queue-bytes", "5000", "--worker-timeout", "60")
     pid0 = m.stats()["workers"][0]["pid"]
     out = tmp_path / "s.json"
     cmd = [*CLIENT, "q", "127.0.0.1", "--conns", "200", "--procs", "1", "--workers", "2",
