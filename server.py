@@ -58,6 +58,7 @@ per-connection timers, no selectors bookkeeping.
 """
 
 import argparse
+import bisect
 import errno
 import fcntl
 import json
@@ -71,6 +72,7 @@ import socket
 import sys
 import time
 from collections import deque
+from operator import attrgetter
 from typing import NamedTuple
 
 import link
@@ -341,6 +343,9 @@ def parse_cursor(text: bytes):
     return ms << SEQ_BITS | seq
 
 
+MESSAGE_KEY = attrgetter("key")
+
+
 class Message:
     """One kept message. `expires` is its TTL deadline while kept, and once evicted, when the
     store forgets that it was evicted (see MessageStore.gap)."""
@@ -425,6 +430,10 @@ we started: the lost ones are older still).
             count[UNDELIVERED] += 1
         if trim:
             self.trim(now)
+        if len(self.order) > 2 * count[QUEUED_MESSAGES] + 1024:
+            # Tombstones of messages evicted by the per-id cap wait for the head; compact
+            # when they are the majority, so `order` stays within twice what is kept.
+            self.order = deque(m for m in self.order if m.body is not None)
         return msg
 
     def trim(self, now: float) -> None:
@@ -435,10 +444,6 @@ we started: the lost ones are older still).
             old = order.popleft()
             if old.body is not None:
                 self.evict(old, DROPPED, now)
-        if len(order) > 2 * count[QUEUED_MESSAGES] + 1024:
-            # Tombstones of messages evicted by the per-id cap wait for the head; compact
-            # when they are the majority, so `order` stays within twice what is kept.
-            self.order = deque(m for m in order if m.body is not None)
 
     def evict(self, msg: Message, cause: int, now: float) -> None:
         """Remove a kept message; it is always the oldest of its id."""
@@ -503,10 +508,8 @@ we started: the lost ones are older still).
         history = self.histories.get(id_)
         if history is None or history[-1].key <= key:
             return None
-        for msg in history:
-            if msg.key > key:
-                return msg
-        return None  # unreachable: the newest is above key
+        # Binary search: a replay calls this once per message (--queue-max may be large).
+        return history[bisect.bisect_right(history, key, key=MESSAGE_KEY)]
 
     def gap(self, id_: bytes, key: int) -> bool:
         """May messages of id_ after the cursor `key` be missing? (SPEC: X-Message-Gap.)
@@ -573,18 +576,23 @@ class Backlog:
     `after` (only those count against --sse-buffer). `cursor`: while the replay is not done,
     the key of the newest message put in `out`; the next ones are read from history as the
     socket drains, including those that arrive meanwhile (they are history too, and part of
-    the replay). `after`: broadcasts that arrived during the replay (they are in no
-    history), written when it is done. `marks`: [offset of an event's
-    end, its Message or None] for the events in `out`: an event counts as delivered when its
-    last byte is written (`base` is the bytes written so far), so a stream closed with
-    messages unsent leaves them undelivered for the next poll. `armed`: EPOLLOUT asked for."""
-    __slots__ = ("out", "replay", "live", "cursor", "after", "marks", "base", "armed")
+    the replay). `skip_until`: a stream opened without a cursor replays only what no client
+    had: messages up to this key that are delivered are passed over. `after`: broadcasts that
+    arrived during the replay (they are in no history), as (the id's newest key then,
+    event): each goes out right after that message, so ids on the stream never go back.
+    `marks`: [offset of an event's end, its Message or None] for the events in `out`: an
+    event counts as delivered when its last byte is written (`base` is the bytes written so
+    far), so a stream closed with messages unsent leaves them undelivered for the next poll.
+    `armed`: EPOLLOUT asked for (and a --write-timeout deadline in `flushing`)."""
+    __slots__ = ("out", "replay", "live", "cursor", "skip_until", "after", "marks", "base",
+                 "armed")
 
     def __init__(self, cursor=None):
         self.out = bytearray()
         self.replay = 0
         self.live = 0
         self.cursor = cursor
+        self.skip_until = -1
         self.after: list = []
         self.marks: deque = deque()
         self.base = 0
@@ -756,8 +764,8 @@ class Worker:
         if self.is_stream[fd]:
             self.is_stream[fd] = 0
             self.count[STREAMS] -= 1
-            if self.backlog:
-                self.backlog.pop(fd, None)
+            if self.backlog and self.backlog.pop(fd, None) is not None:
+                self.flushing.pop(fd, None)
         else:
             if self.poll_deadlines:
                 self.poll_deadlines.pop(fd, None)
@@ -1172,8 +1180,8 @@ class Worker:
 
     def open_stream(self, fd: int, id_: bytes, cursor, fresh: bool) -> None:
         """The stream's head, then what it missed: with a cursor the history after it (a gap
-        first if there is one), read from history as the socket drains; without one, the
-        messages no client has had. Then it waits with the polls."""
+        first if there is one), without one the messages no client has had; either read from
+        history as the socket drains. Then it waits with the polls."""
         if fresh and not self.register(fd, EPOLL_CLIENT):
             self.at_capacity(fd)
             return
@@ -1184,8 +1192,10 @@ class Worker:
         backlog = self.backlog[fd] = Backlog(cursor)
         backlog.out += self.sse_head
         if cursor is None:
-            for msg in store.undelivered(id_):
-                backlog.add(sse_event(msg.mid, msg.body), msg)
+            first = store.oldest_undelivered(id_)
+            if first is not None:
+                backlog.cursor = first.key - 1
+                backlog.skip_until = store.histories[id_][-1].key
         elif store.gap(id_, cursor) and not store.evicted_after(id_, cursor):
             backlog.out += sse_control(b"gap", cursor_text(cursor))  # (else replay_more does)
         backlog.replay = len(backlog.out)
@@ -1212,19 +1222,25 @@ class Worker:
             backlog = self.backlog[fd] = Backlog()
             backlog.add(memoryview(event)[n:], msg)
             backlog.live = len(backlog.out)
-            backlog.armed = True
-            self.watch(fd, EPOLL_CLIENT | select.EPOLLOUT)
+            self.arm(fd, backlog)
             return False
         if backlog.cursor is None:
             backlog.add(event, msg)
         elif msg is None:
-            backlog.after.append(event)
+            history = self.store.histories.get(self.state[fd])
+            backlog.after.append((history[-1].key if history else -1, event))
         else:
             return False  # written, and counted, when the replay reaches it
         backlog.live += len(event)
         if backlog.live > self.sse_buffer:
             self.close(fd, CLOSED_SSE_BUFFER)
         return False
+
+    def arm(self, fd: int, backlog: Backlog) -> None:
+        """Ask for EPOLLOUT, and give the stream --write-timeout to make progress."""
+        backlog.armed = True
+        self.flushing[fd] = time.monotonic() + self.write_timeout
+        self.watch(fd, EPOLL_CLIENT | select.EPOLLOUT)
 
     def flush_stream(self, fd: int) -> None:
         """Write a stream's backlog as far as the socket takes it, reading the replay from
@@ -1255,18 +1271,23 @@ class Worker:
                     self.store.delivered(msg)
             if out:
                 if not backlog.armed:
-                    backlog.armed = True
-                    self.watch(fd, EPOLL_CLIENT | select.EPOLLOUT)
+                    self.arm(fd, backlog)
+                elif n:  # progress: the deadline starts again (at the end: deadline order)
+                    del self.flushing[fd]
+                    self.flushing[fd] = time.monotonic() + self.write_timeout
                 return
         del self.backlog[fd]
         if backlog.armed:
+            self.flushing.pop(fd, None)
             self.watch(fd, EPOLL_CLIENT)
 
     def replay_more(self, fd: int, backlog: Backlog) -> None:
         """Put the next REPLAY_CHUNK of the id's history after the cursor in the backlog; at
-        its end the replay is done, and the broadcasts held meanwhile follow."""
-        id_, store, out = self.state[fd], self.store, backlog.out
-        if store.evicted_after(id_, backlog.cursor):
+        its end the replay is done, and what is left of the broadcasts held meanwhile
+        follows. A broadcast held meanwhile goes right after the message that was the id's
+        newest when it came; from then on it counts as replay."""
+        id_, store, out, after = self.state[fd], self.store, backlog.out, backlog.after
+        if store.evicted_after(id_, backlog.cursor) and backlog.skip_until < 0:
             # Messages after the cursor were evicted (before the stream opened, or while it
             # was behind): the gap event comes first.
             out += sse_control(b"gap", cursor_text(backlog.cursor))
@@ -1275,18 +1296,31 @@ class Worker:
             if msg is None:
                 backlog.cursor = None  # caught up: now the broadcasts held meanwhile
                 backlog.replay = len(out)
-                for event in backlog.after:
+                for _, event in after:
                     backlog.add(event, None)  # live bytes, counted when they came
                 backlog.after = []
                 return
-            backlog.add(sse_event(msg.mid, msg.body), msg)
             backlog.cursor = msg.key
+            if not (msg.delivered and msg.key <= backlog.skip_until):
+                backlog.add(sse_event(msg.mid, msg.body), msg)
+            while after and after[0][0] <= msg.key:
+                event = after.pop(0)[1]
+                backlog.add(event, None)
+                backlog.live -= len(event)
         backlog.replay = len(out)
 
     def end_stream(self, fd: int, last: bytes) -> None:
-        """Close a stream after its backlog and `last` are written (an answer, then closed)."""
+        """Close a stream after its backlog and `last` are written (an answer, then closed);
+        the messages in its backlog count as delivered as a poll's answer does."""
         backlog = self.backlog.get(fd) if self.backlog else None
-        self.answer(fd, bytes(backlog.out) + last if backlog else last)
+        if backlog is None:
+            self.answer(fd, last)
+            return
+        if self.answer(fd, bytes(backlog.out) + last):  # (forgets the backlog)
+            for _, msg in backlog.marks:
+                self.count[DELIVERED] += 1
+                if msg is not None:
+                    self.store.delivered(msg)
 
     def heartbeat(self) -> None:
         """A comment to every idle stream, one pass for all: no timer per stream (SPEC)."""
@@ -1295,11 +1329,17 @@ class Worker:
             for fd in [w] if w.__class__ is int else list(w):
                 if self.is_stream[fd] and fd not in self.backlog:
                     try:
-                        os.write(fd, HEARTBEAT)
+                        n = os.write(fd, HEARTBEAT)
                     except BlockingIOError:
-                        pass  # its buffer is full of what it has not read: no need
+                        n = len(HEARTBEAT)  # its buffer is full of what it has not read: no need
                     except OSError as e:
                         self.close_on_error(fd, e)
+                        continue
+                    if n < len(HEARTBEAT):  # ":" alone would make the next line a comment
+                        backlog = self.backlog[fd] = Backlog()
+                        backlog.out += HEARTBEAT[n:]
+                        backlog.replay = len(backlog.out)
+                        self.arm(fd, backlog)
                     k += 1
                     if not k % BEAT_EVERY:
                         self.count[BEAT_NS] = time.monotonic_ns()
