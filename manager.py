@@ -715,19 +715,32 @@ class AppServer:
         peer = writer.get_extra_info("peername")
         log(f"app connection {peer}: {why}; closed")
 
-    async def read_more(self, reader) -> bytes:
+    async def read_more(self, reader, partial: bool) -> bytes:
         """The one place app bytes come in after the first read: waits while the flow is
-        blocked (a worker is behind)."""
-        if not self.flow.open.is_set():
+        blocked (a worker is behind), unless `partial`: part of a message is in hand. The
+        gate holds a publisher between two messages, not inside one (else a publish whose
+        bytes came in two segments would stall half-sent for up to --worker-timeout); the
+        serve loops, for their part, stop after one message once the gate is closed
+        (`gated`). So a closed gate lets in at most one message per connection, refused if
+        the outbox is full."""
+        if not partial and not self.flow.open.is_set():
             await self.flow.open.wait()
         return await reader.read(APP_READ_SIZE)
+
+    def gated(self) -> bool:
+        return not self.flow.open.is_set()
 
     async def serve_binary(self, reader, buf: bytes) -> None:
         """The original's frames: 0x02 <id> 0x00 <message> 0x00, repeated, no reply."""
         max_message = self.opts.max_message
+        first = True  # the first read is taken whole, gate or not (see app_connection)
         while True:
             pos, size = 0, len(buf)
+            gated = False
             while pos < size:
+                if pos and not first and self.gated():
+                    gated = True  # the frames after this one wait for the gate
+                    break
                 if buf[pos] != 0x02:
                     return self.app_error_bare("binary frame does not start with 0x02")
                 id_end = buf.find(b"\x00", pos + 1, pos + 130)
@@ -748,7 +761,11 @@ class AppServer:
                     return self.app_error_bare(f"binary frame refused: {refused}")
                 pos = msg_end + 1
             buf = buf[pos:]
-            data = await self.read_more(reader)
+            first = False
+            if gated:
+                await self.flow.open.wait()
+                continue
+            data = await self.read_more(reader, bool(buf))
             if not data:
                 if buf:
                     self.app_error_bare("connection closed inside a binary frame")
@@ -763,20 +780,33 @@ class AppServer:
         """One JSON object a line, one reply line each."""
         authed = self.opts.app_token is None
         line_max = self.opts.max_message * 8 + 4096  # room for JSON's escapes
+        first = True  # the first read is taken whole, gate or not (see app_connection)
         while True:
-            lines = buf.split(b"\n")
-            buf = lines.pop()
-            for line in lines:
+            pos = 0
+            gated = False
+            while True:
+                end = buf.find(b"\n", pos)
+                if end == -1:
+                    break
+                if pos and not first and self.gated():
+                    gated = True  # the lines after this one wait for the gate
+                    break
+                line, pos = buf[pos:end], end + 1
                 if not line.strip():
                     continue
                 reply, authed = self.json_line(line, authed)
                 writer.write(json.dumps(reply).encode() + b"\n")
-            if len(buf) > line_max:
+            buf = buf[pos:]
+            first = False
+            if len(buf) > line_max and not gated:
                 writer.write(b'{"ok": false, "error": "line too long"}\n')
                 self.app_rejected += 1
                 return
             await writer.drain()
-            data = await self.read_more(reader)
+            if gated:
+                await self.flow.open.wait()
+                continue
+            data = await self.read_more(reader, bool(buf))
             if not data:
                 return
             buf += data
@@ -839,6 +869,7 @@ class AppServer:
         Pipelined requests already in the buffer are answered with one write: asyncio's
         write() is a send() each time its buffer is empty."""
         pos = scanned = 0  # the request being read starts at buf[pos]
+        first = True  # the first read is taken whole, gate or not (see app_connection)
         continued = False  # "100 Continue" sent for the request being read
         out = []
         try:
@@ -873,7 +904,8 @@ class AppServer:
                         writer.write(b"".join(out))
                         out.clear()
                     await writer.drain()
-                    data = await self.read_more(reader)
+                    first = False
+                    data = await self.read_more(reader, len(buf) > pos)
                     if not data:
                         return
                     buf, pos = buf[pos:] + data, 0
@@ -889,6 +921,11 @@ class AppServer:
                     out.append(self.http_action(req, body, keep))
                 if not keep:
                     return
+                if not first and len(buf) > pos and self.gated():  # the next ones wait
+                    writer.write(b"".join(out))
+                    out.clear()
+                    await writer.drain()
+                    await self.flow.open.wait()
         finally:
             if out:
                 writer.write(b"".join(out))

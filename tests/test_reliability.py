@@ -576,3 +576,35 @@ def test_write_timeout_closes_a_client_that_does_not_read_a_big_answer(manager_f
     t = totals(m)
     assert t["connections"] == 0 and t["delivered"] == 1  # written in part: README says so
     s.close()
+
+
+def test_a_message_half_read_when_the_gate_closes_is_taken_whole(manager_factory):
+    """The flow gate holds publishers between messages, not inside one: a JSON line whose two
+    halves arrive apart while a stopped worker holds the gate closed is answered at once
+    (taken, or refused with the reason), not left half-read until the worker is back."""
+    m = manager_factory("--queue-bytes", "1000000", "--worker-timeout", "60")
+    pid0 = worker_pids(m)[0]
+    ids = ids_for(0, 12, "gate")
+    with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as a:
+        f = a.makefile("rb")
+        a.sendall(b'{"id": "%s", "message": "first"}\n' % ids[0].encode())
+        assert json.loads(f.readline())["ok"] is True  # past its first read
+        os.kill(pid0, signal.SIGSTOP)
+        try:
+            for id_ in ids[1:]:  # first reads of new connections: taken, the gate closes
+                with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as s:
+                    assert http_publish(s, id_, b"y" * 60_000)[0] in (202, 503)
+            assert m.stats()["manager"]["paused"] == [0]
+            line = b'{"id": "%s", "message": "%s"}\n' % (ids[0].encode(), b"h" * 1000)
+            a.sendall(line[:500])
+            time.sleep(0.3)
+            a.sendall(line[500:])
+            a.settimeout(3)
+            reply = json.loads(f.readline())  # TimeoutError: held by the gate, half-read
+            assert reply["ok"] is True or "not keeping up" in reply["error"]
+            a.sendall(b'{"id": "%s", "message": "next"}\n' % ids[0].encode())
+            a.settimeout(0.5)
+            with pytest.raises(TimeoutError):  # the next message waits for the gate
+                f.readline()
+        finally:
+            os.kill(pid0, signal.SIGCONT)
