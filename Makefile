@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test lint run bench-memory bench-cpu million check soak clean
+.PHONY: test lint run bench-micro bench-memory bench-cpu million check soak clean
 
 $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ run:
 
 check:
 	$(PYTHON) tuning/check.py
+
+# pyperf: the parser, the hash, the response head, the link codec.
+bench-micro: $(VENV)/.installed
+	$(PY) bench/micro.py
 
 bench-memory: $(VENV)/.installed
 	$(PY) bench/memory.py
