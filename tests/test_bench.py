@@ -1,7 +1,8 @@
-"""Smoke test of `make bench-micro` (bench/micro.py): it runs to the end and reports every
-figure. No timing is asserted: the figures are the
+"""Smoke tests of `make bench` (bench/suite.py --quick) and `make bench-micro` (bench/micro.py):
+they run to the end and report every figure. No timing is asserted: the figures are the
 benchmark's business, and this box is shared."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,40 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+pytest.importorskip("uvloop")  # the peer's fast loop (requirements-dev.txt)
 pytest.importorskip("pyperf")
+
+IMPLS = ("project", "asyncio", "uvloop")
+ROWS = ("bytes_per_idle_poll@W1", "cpu_per_conn_us@W2", "cpu_per_conn_us@W8",
+        "cpu_per_msg_us@W2", "cpu_per_msg_us@W8", "p50_ms@W2", "p50_ms@W8", "p99_ms@W2",
+        "p99_ms@W8", "blast_msgs_per_s@W2", "blast_msgs_per_s@W8", "broadcast_s@W6")
+
+
+@pytest.mark.timeout(200)
+def test_suite_quick_reports_every_figure_for_every_implementation(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--quick",
+                        "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=190)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["errors"] == 0
+    assert len(data["runs"]) == 6 * len(IMPLS)  # 6 scenarios, one round
+    assert set(data["medians"]) == set(ROWS)
+    for row in ROWS:
+        entry = data["medians"][row]
+        for impl in IMPLS:
+            assert entry[impl]["median"] is not None, (row, impl)
+            assert entry[impl]["median"] >= 0, (row, impl)
+        assert entry["project_vs_uvloop"] is not None, row
+        assert entry["project_vs_asyncio"] is not None, row
+    for run in data["runs"]:
+        if run["scenario"] in ("paced", "blast"):
+            assert run["received"] == run["sent"] == 1000, run
+    assert r.stdout.startswith("machine: ")
+    assert "| figure | W | this project | asyncio peer | uvloop peer |" in r.stdout
+    assert "project / uvloop" in r.stdout
+
 
 @pytest.mark.timeout(120)
 def test_micro_runs_every_benchmark():
