@@ -40,8 +40,9 @@ manager and all its workers, from /proc/PID/stat.
   per process here) needs W >= 6 for 100,000 polls, for both implementations.
 
 Writes bench/results/bench-<host>.json (every raw run, the medians, the ratios, the machine)
-and prints the table. --quick: one round of small loads (the smoke test in tests/test_bench.py).
-Everything is bounded, and every process started here is stopped in `finally` blocks.
+and prints the table; --report FILE prints it again from such a file. --quick: one round of
+small loads (the smoke test in tests/test_bench.py). Everything is bounded, and every process
+started here is stopped in `finally` blocks.
 """
 
 import argparse
@@ -490,7 +491,7 @@ def medians(runs: list, a) -> dict:
             entry[impl] = {"median": statistics.median(values) if values else None,
                            "min": min(values) if values else None,
                            "max": max(values) if values else None, "runs": values}
-        p, u, s = (entry[i]["median"] for i in IMPLS)
+        p, u, s = (entry[i]["median"] for i in ("project", "uvloop", "asyncio"))
         entry["project_vs_uvloop"] = p / u if p is not None and u else None
         entry["project_vs_asyncio"] = p / s if p is not None and s else None
         out[f"{key}@W{workers}"] = entry
@@ -512,7 +513,8 @@ def table(med: dict, a) -> str:
             m = e[impl]["median"]
             cells.append("n/a" if m is None else f"{m:,.{digits(key)}f}")
         for ratio in ("project_vs_uvloop", "project_vs_asyncio"):
-            cells.append("n/a" if e[ratio] is None else f"{e[ratio]:.2f}")
+            x = e[ratio]
+            cells.append("n/a" if x is None else f"{x:.2f}" if x >= 0.095 else f"{x:.2g}")
         cells.append(better)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -552,6 +554,9 @@ def parse_args(argv=None):
     p.add_argument("--guard", type=float, default=0.3,
                    help="s before the client's exit where the paced phase's end sample is taken")
     p.add_argument("--json", help="default bench/results/bench-<host>.json")
+    p.add_argument("--report", metavar="FILE",
+                   help="run nothing: the table again from the raw runs in FILE (a --json "
+                        "of an earlier run), its medians and notes rewritten")
     a = p.parse_args(argv)
     if a.quick:
         a.rounds, a.conns, a.messages = 1, 2000, 1000
@@ -561,8 +566,25 @@ def parse_args(argv=None):
     return a
 
 
+def report(path: Path) -> int:
+    data = json.loads(path.read_text())
+    a = argparse.Namespace(**data["config"])
+    runs = data["runs"]
+    data["medians"], data["notes"] = medians(runs, a), notes(runs)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"median of {a.rounds} alternating round(s) ({data['elapsed_s']:.0f} s); server CPU "
+          f"= manager + workers (utime + stime):")
+    print(machine_line(data["machine"]))
+    print(table(data["medians"], a))
+    for note in data["notes"]:
+        print(f"note: {note}")
+    return 1 if data["errors"] else 0
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.report:
+        return report(Path(a.report))
 
     def on_term(signum, frame):
         raise Stopped(f"signal {signum}")

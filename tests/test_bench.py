@@ -37,14 +37,22 @@ def test_suite_quick_reports_every_figure_for_every_implementation(tmp_path):
         for impl in IMPLS:
             assert entry[impl]["median"] is not None, (row, impl)
             assert entry[impl]["median"] >= 0, (row, impl)
-        assert entry["project_vs_uvloop"] is not None, row
-        assert entry["project_vs_asyncio"] is not None, row
+        project = entry["project"]["median"]
+        assert entry["project_vs_uvloop"] == pytest.approx(project / entry["uvloop"]["median"])
+        assert entry["project_vs_asyncio"] == pytest.approx(
+            project / entry["asyncio"]["median"])
     for run in data["runs"]:
         if run["scenario"] in ("paced", "blast"):
             assert run["received"] == run["sent"] == 1000, run
     assert r.stdout.startswith("machine: ")
     assert "| figure | W | this project | asyncio peer | uvloop peer |" in r.stdout
     assert "project / uvloop" in r.stdout
+    again = subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--report",
+                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + len(ROWS)
+    assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table
 
 
 @pytest.mark.timeout(120)
