@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test lint run bench-memory bench-cpu million check soak clean
+.PHONY: test lint run bench bench-micro bench-memory bench-cpu million check soak clean
 
 $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,15 @@ run:
 
 check:
 	$(PYTHON) tuning/check.py
+
+# The project against the same design in plain asyncio and on uvloop (bench/peer.py), side by
+# side, 3 alternating rounds (~15 min on 2 cores); bench/results/bench-<host>.json.
+bench: $(VENV)/.installed
+	$(PY) bench/suite.py
+
+# pyperf: the parser, the hash, the response head, the link codec.
+bench-micro: $(VENV)/.installed
+	$(PY) bench/micro.py
 
 bench-memory: $(VENV)/.installed
 	$(PY) bench/memory.py

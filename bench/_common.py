@@ -209,10 +209,12 @@ class Server:
 class LoadGroup:
     """`conns` long-poll connections (suffix "js") or SSE streams (suffix "sse") spread over
     `procs` bench/_load.py processes (the open-file limit is per process), each from its own
-    source address 127.0.0.<2+k>."""
+    source address 127.0.0.<2+k>. With `workers` W > 1, `port` is worker 0's and each id goes
+    to its owner's port. `pin`: the load on LOAD_CPUS, away from the server's first CPU."""
 
     def __init__(self, port: int, conns: int, prefix: str = "u", procs: int = 2,
-                 source_base: int = 2, rate: float = 0, suffix: str = "js"):
+                 source_base: int = 2, rate: float = 0, suffix: str = "js",
+                 workers: int = 1, pin: bool = True):
         self.procs = []
         share = -(-conns // procs)
         for k in range(procs):
@@ -222,9 +224,11 @@ class LoadGroup:
             cmd = [sys.executable, str(BENCH / "_load.py"), "--port", str(port),
                    "--prefix", prefix, "--suffix", suffix,
                    "--start", str(start), "--count", str(count),
-                   "--source-ip", f"127.0.0.{source_base + k}", "--rate", str(rate / procs)]
+                   "--source-ip", f"127.0.0.{source_base + k}", "--rate", str(rate / procs),
+                   "--workers", str(workers)]
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            os.sched_setaffinity(proc.pid, LOAD_CPUS)
+            if pin:
+                os.sched_setaffinity(proc.pid, LOAD_CPUS)
             self.procs.append(proc)
 
     def _line(self, proc, timeout: float) -> dict:
@@ -257,6 +261,7 @@ class LoadGroup:
             for k, v in p["errors"].items():
                 errors[k] = errors.get(k, 0) + v
         total["errors"] = errors
+        total["last_answer_t"] = max(p.get("last_answer_t", 0.0) for p in parts)
         return total
 
     def close(self) -> None:

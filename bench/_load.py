@@ -3,13 +3,16 @@ connections.
 
     python bench/_load.py --port P --prefix u --start 0 --count 9500 --source-ip 127.0.0.2
     python bench/_load.py --port P --suffix sse ...
+    python bench/_load.py --port P --workers 6 ...   # each id to P + x31(id) % 6, its owner
 
 Opens `count` connections to host:port (non-blocking connects, at most --inflight at once,
 from --source-ip with IP_BIND_ADDRESS_NO_PORT so the port is picked per destination), sends
 `GET /<prefix><i>.<suffix> HTTP/1.1` on each (--suffix js, the default: long polls; sse:
 Server-Sent Events streams), then holds them, reading and discarding whatever the server
 sends: the first chunk's status line is counted (200 / other; a stream's head and its
-`retry: 2000` come in it), later bytes only summed (`bytes`), an EOF closes our side. One
+`retry: 2000` come in it), later bytes only summed (`bytes`), an EOF closes our side;
+`last_answer_t` is the CLOCK_MONOTONIC time of the last first chunk (a poll's answer), so a
+broadcast's reach is max(last_answer_t) - its send time. One
 JSON line on stdout when every connect has finished ({"event": "open", ...}); then stdin
 commands, one a line:
 `stats` prints the counters as one JSON line, `quit` (or EOF) resets every connection
@@ -27,6 +30,10 @@ import socket
 import struct
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from server import owner  # noqa: E402  (the contract's hash: which worker's port an id is on)
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 LINGER_0 = struct.pack("ii", 1, 0)
@@ -36,7 +43,9 @@ CONNECTING, SENT, ANSWERED = 0, 1, 2
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, required=True,
+                   help="the port (with --workers W: worker 0's, each id to its owner's)")
+    p.add_argument("--workers", type=int, default=1)
     p.add_argument("--prefix", default="u")
     p.add_argument("--suffix", default="js", choices=("js", "sse"),
                    help="js: long polls (default); sse: Server-Sent Events streams")
@@ -55,7 +64,7 @@ def main(argv=None) -> int:
     socks: dict = {}  # fd -> socket
     phase: dict = {}  # fd -> CONNECTING | SENT | ANSWERED
     c = {"event": "open", "ok": 0, "failed": 0, "s200": 0, "other": 0, "eof": 0,
-         "bytes": 0, "errors": {}}
+         "bytes": 0, "errors": {}, "last_answer_t": 0.0}
     nxt, end, inflight = a.start, a.start + a.count, 0
     announced = False
     t0 = time.monotonic()
@@ -90,7 +99,10 @@ def main(argv=None) -> int:
             if a.source_ip:
                 s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 s.bind((a.source_ip, 0))
-            err = s.connect_ex((a.host, a.port))
+            port = a.port
+            if a.workers > 1:
+                port += owner(b"%s%d" % (prefix, nxt), a.workers)
+            err = s.connect_ex((a.host, port))
             fd = s.fileno()
             socks[fd] = s
             phase[fd] = (CONNECTING, nxt)
@@ -147,6 +159,7 @@ def main(argv=None) -> int:
             c["bytes"] += len(data)
             if data and st[0] == SENT:
                 phase[fd] = (ANSWERED,)
+                c["last_answer_t"] = time.monotonic()
                 if data.startswith(b"HTTP/1.1 200 "):
                     c["s200"] += 1
                 else:

@@ -122,6 +122,10 @@ class CometProtocol(asyncio.Protocol):
         id_ = path[1:-3]
         if ID_RE.fullmatch(id_) is None:
             return self.reply(400, b"invalid id\n")
+        self.poll(id_)
+
+    def poll(self, id_: bytes) -> None:
+        """A valid poll of id_: its oldest queued message now, or wait for the next one."""
         hub = self.hub
         queue = hub.queues.get(id_)
         if queue:

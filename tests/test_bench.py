@@ -1,0 +1,67 @@
+"""Smoke tests of `make bench` (bench/suite.py --quick) and `make bench-micro` (bench/micro.py):
+they run to the end and report every figure. No timing is asserted: the figures are the
+benchmark's business, and this box is shared."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+pytest.importorskip("uvloop")  # the peer's fast loop (requirements-dev.txt)
+pytest.importorskip("pyperf")
+
+IMPLS = ("project", "asyncio", "uvloop")
+ROWS = ("bytes_per_idle_poll@W1", "cpu_per_conn_us@W2", "cpu_per_conn_us@W8",
+        "cpu_per_msg_us@W2", "cpu_per_msg_us@W8", "p50_ms@W2", "p50_ms@W8", "p99_ms@W2",
+        "p99_ms@W8", "blast_msgs_per_s@W2", "blast_msgs_per_s@W8", "broadcast_s@W6")
+
+
+@pytest.mark.timeout(200)
+def test_suite_quick_reports_every_figure_for_every_implementation(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--quick",
+                        "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=190)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["errors"] == 0
+    assert len(data["runs"]) == 6 * len(IMPLS)  # 6 scenarios, one round
+    assert set(data["medians"]) == set(ROWS)
+    for row in ROWS:
+        entry = data["medians"][row]
+        for impl in IMPLS:
+            assert entry[impl]["median"] is not None, (row, impl)
+            assert entry[impl]["median"] >= 0, (row, impl)
+        project = entry["project"]["median"]
+        assert entry["project_vs_uvloop"] == pytest.approx(project / entry["uvloop"]["median"])
+        assert entry["project_vs_asyncio"] == pytest.approx(
+            project / entry["asyncio"]["median"])
+    for run in data["runs"]:
+        if run["scenario"] in ("paced", "blast"):
+            assert run["received"] == run["sent"] == 1000, run
+    assert r.stdout.startswith("machine: ")
+    assert "| figure | W | this project | asyncio peer | uvloop peer |" in r.stdout
+    assert "project / uvloop" in r.stdout
+    again = subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--report",
+                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + len(ROWS)
+    assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table
+
+
+@pytest.mark.timeout(120)
+def test_micro_runs_every_benchmark():
+    from micro import BENCHMARKS
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "micro.py"),
+                        "--debug-single-value", "--quiet"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=110)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for name, _ in BENCHMARKS:
+        assert f"{name}:" in r.stdout, name
