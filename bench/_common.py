@@ -101,9 +101,10 @@ def wait_idle(pids, quiet: float = 0.3, timeout: float = 10.0) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def http_json(port: int, path: str, timeout: float = 5.0) -> dict:
+def http_request(port: int, raw: bytes, timeout: float = 5.0) -> tuple[int, bytes]:
+    """Send one raw request to 127.0.0.1:port; (status, body) of the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode())
+        s.sendall(raw)
         data = b""
         while True:
             end = data.find(b"\r\n\r\n")
@@ -111,11 +112,17 @@ def http_json(port: int, path: str, timeout: float = 5.0) -> dict:
                 head = data[:end].decode("latin-1").lower()
                 length = int(head.split("content-length:")[1].split("\r\n")[0])
                 if len(data) >= end + 4 + length:
-                    return json.loads(data[end + 4:end + 4 + length])
-            chunk = s.recv(65536)
+                    return int(head.split()[1]), data[end + 4:end + 4 + length]
+            chunk = s.recv(1 << 20)
             if not chunk:
                 raise ConnectionError(f"closed early: {data[:200]!r}")
             data += chunk
+
+
+def http_json(port: int, path: str, timeout: float = 5.0) -> dict:
+    status, body = http_request(
+        port, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode(), timeout)
+    return json.loads(body)
 
 
 class Server:

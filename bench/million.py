@@ -40,35 +40,24 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, cpu_seconds, free_port_block, machine, machine_line, rss  # noqa: E402
+from _common import (  # noqa: E402
+    ROOT,
+    cpu_seconds,
+    free_port_block,
+    http_json,
+    http_request,
+    machine,
+    machine_line,
+    rss,
+)
 
 PER_WORKER_SPARE = 64  # fds a worker keeps for itself (listener, link, page, epoll, stdio...)
 POLL_S = 0.5  # /stats period while the connections come in
 BROADCAST_POLL_S = 0.02
 
 
-def http(port: int, raw: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(raw)
-        data = b""
-        while True:
-            end = data.find(b"\r\n\r\n")
-            if end >= 0:
-                head = data[:end].decode("latin-1").lower()
-                length = int(head.split("content-length:")[1].split("\r\n")[0])
-                if len(data) >= end + 4 + length:
-                    return int(head.split()[1]), data[end + 4:end + 4 + length]
-            chunk = s.recv(1 << 20)
-            if not chunk:
-                raise ConnectionError(f"closed early: {data[:200]!r}")
-            data += chunk
-
-
 def stats(app_port: int) -> dict:
-    status, body = http(app_port, b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    if status != 200:
-        raise RuntimeError(f"/stats answered {status}")
-    return json.loads(body)
+    return http_json(app_port, "/stats", timeout=10.0)
 
 
 def kernel_memory() -> dict:
@@ -223,8 +212,8 @@ def run(a) -> dict:
         delivered = s["totals"]["delivered"]
         cpu2 = cpu_of(pids)
         t_b = time.monotonic()
-        status, _ = http(app_port, b"POST /broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 3"
-                                   b"\r\nConnection: close\r\n\r\nall")
+        status, _ = http_request(app_port, b"POST /broadcast HTTP/1.1\r\nHost: x\r\n"
+                                           b"Content-Length: 3\r\nConnection: close\r\n\r\nall")
         reached = None
         while time.monotonic() < min(deadline, t_b + 120):
             s = stats(app_port)

@@ -1,5 +1,6 @@
-"""Smoke tests of `make bench` (bench/suite.py --quick) and `make bench-micro` (bench/micro.py):
-they run to the end and report every figure. No timing is asserted: the figures are the
+"""Smoke tests of `make bench` (bench/suite.py --quick), `make bench-micro` (bench/micro.py) and
+`make million` (bench/million.py with a small target): they run to the end and report every
+figure. No timing is asserted: the figures are the
 benchmark's business, and this box is shared."""
 
 import json
@@ -12,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-pytest.importorskip("uvloop")  # the peer's fast loop (requirements-dev.txt)
-pytest.importorskip("pyperf")
+import pyperf  # noqa: E402,F401  (requirements-dev.txt: missing is a failure, never a skip)
+import uvloop  # noqa: E402,F401  (the peer's fast loop)
 
 IMPLS = ("project", "asyncio", "uvloop")
 ROWS = ("bytes_per_idle_poll@W1", "cpu_per_conn_us@W2", "cpu_per_conn_us@W8",
@@ -65,3 +66,22 @@ def test_micro_runs_every_benchmark():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for name, _ in BENCHMARKS:
         assert f"{name}:" in r.stdout, name
+
+
+@pytest.mark.timeout(120)
+def test_million_with_a_small_target_reports_every_figure(tmp_path):
+    out = tmp_path / "million.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "million.py"), "--target", "3000",
+                        "--messages", "300", "--json", str(out), "--log",
+                        str(tmp_path / "log")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=110)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["waiting"] == 3000 and data["open_s"] > 0 and data["bytes_per_conn"] > 0
+    assert data["series"] and data["kernel_full"]["tcp_inuse"] >= 3000
+    c = data["client"]
+    assert (c["sent"], c["received"], c["lost"]) == (300, 300, 0)
+    assert c["latency_ms"]["count"] == 300
+    b = data["broadcast"]
+    assert b["status"] == 202 and b["written"] == b["waiting"] == 3000 and b["time_to_all_s"]
+    assert "time to open" in out.with_suffix(".txt").read_text()
