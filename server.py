@@ -1273,7 +1273,7 @@ class Worker:
                 if not backlog.armed:
                     self.arm(fd, backlog)
                 elif n:  # progress: the deadline starts again (at the end: deadline order)
-                    del self.flushing[fd]
+                    self.flushing.pop(fd, None)
                     self.flushing[fd] = time.monotonic() + self.write_timeout
                 return
         del self.backlog[fd]
