@@ -19,6 +19,7 @@ from tuning.check import (
     WORKER_RESERVED_FDS,
     build_report,
     even_ports,
+    format_report,
     main,
     manager_capacity_line,
     per_worker_capacity,
@@ -99,7 +100,8 @@ def test_this_box_open_files_bind_server_ports_bind_client(tmp_path):
     assert r["fs.file-max"].loopback == 2466170 // 2
     assert r["MemTotal"].server == 24 * GIB // KERNEL_BYTES_PER_IDLE_SOCKET
     assert r["MemTotal"].loopback == 24 * GIB // (2 * KERNEL_BYTES_PER_IDLE_SOCKET)
-    assert r["net.ipv4.tcp_mem"].server == 575796 and r["net.ipv4.tcp_mem"].loopback == 287898
+    assert "net.ipv4.tcp_mem" not in r  # not a cap on connections: the broadcast reach
+    assert report.broadcast_reach == {"pages": 575796, "server": 575796, "loopback": 287898}
     assert r["net.netfilter.nf_conntrack_max"].server is None  # not loaded: no cap
 
     server = report.first_cap["server"]
@@ -119,15 +121,16 @@ def test_tuned_million_box(tmp_path):
     report = build_report(read_box(root), target=1_000_000)
     r = rows(report)
     assert r["RLIMIT_NOFILE"].server == 16 * 1048560
-    assert report.first_cap["server"].connections == 2097152  # tcp_mem: one page per reply
+    assert report.first_cap["server"].connections == 4194304  # fs.file-max (tcp_mem is no cap)
     assert report.target_ok is True and report.short_of_target == []
+    assert report.broadcast_reach["server"] == 2097152  # one page per queued reply
     # One source address to 16 ports: 16 x 27,648 even ports, well short of 1M for a client.
     assert report.first_cap["client"].connections == 16 * 27648
     assert report.first_cap["loopback"].connections == 16 * 27648
     # With 40 source addresses the client side reaches the loopback memory caps instead.
     more = build_report(read_box(root), source_ips=40)
     assert rows(more)["net.ipv4.ip_local_port_range"].client == 40 * 16 * 27648
-    assert more.first_cap["loopback"].connections == 2097152 // 2
+    assert more.first_cap["loopback"].connections == 4194304 // 2  # fs.file-max, both ends
 
 
 def test_small_conntrack_binds_first(tmp_path):
@@ -145,7 +148,8 @@ def test_tiny_port_range_binds_client_only(tmp_path):
     report = build_report(read_box(root))
     assert report.first_cap["client"].connections == 50 * 2  # 50 even ports x 2 worker ports
     server = report.first_cap["server"]
-    assert server.connections == 575796 and "tcp_mem" in server.limit  # ports never cap it
+    # Ports never cap it: the server accepts (nofile 1,048,576 x 2 workers is its cap here).
+    assert server.connections == 2 * (1048576 - 16) and "open files" in server.limit
     report = build_report(read_box(root), source_ips=3, dest_ports=5)
     assert report.first_cap["client"].connections == 50 * 3 * 5
 
@@ -182,11 +186,13 @@ def test_target_exit_codes(tmp_path):
     root = make_box(tmp_path)
     assert main(["--root", root, "--target", "39968"]) == 0
     assert main(["--root", root, "--target", "39969"]) == 1
-    # Raising the open-file limit alone is not enough for 1M here: tcp_mem is next.
+    # Raising the open-file limit is enough for 1M here; tcp_mem only bounds a broadcast.
     assert main(["--root", root, "--target", "500000", "--nofile", "1048576"]) == 0
+    assert main(["--root", root, "--target", "1000000", "--nofile", "1048576"]) == 0
     report = build_report(read_box(root), target=1_000_000)
-    assert [s.split(" allows ")[0] for s in report.short_of_target[:2]] == [
-        "open files per process", "tcp_mem max, 1 page/reply"]
+    assert [s.split(" allows ")[0] for s in report.short_of_target] == [
+        "open files per process", "for 1,000,000 over 2 workers, each needs LimitNOFILE >= "
+        "500,016"]
     # The same through the real command line, as a user runs it.
     run = lambda *a: subprocess.run([sys.executable, str(CHECK), "--root", root, *a],  # noqa: E731
                                     capture_output=True, text=True, timeout=30)
@@ -301,3 +307,21 @@ def test_conntrack_loaded_but_tracking_nothing_is_no_cap(tmp_path):
     assert rows(report)["net.netfilter.nf_conntrack_max"].server is None
     for side in ("server", "client", "loopback"):
         assert "conntrack" not in report.first_cap[side].limit, side
+
+
+def test_tcp_mem_is_the_broadcast_reach_not_a_connection_cap(tmp_path):
+    """A 16-core box held 10,000,000 idle polls under a tcp_mem max of 3,090,648 pages while
+    check.py called that the first cap: tcp_mem bounds what one broadcast can queue replies on
+    at once. The report says so apart, and how to raise it where tuning/apply.sh will keep it."""
+    root = make_box(tmp_path, nofile=(1048576, 1048576), cpus=16, mem_gib=128,
+                    file_max=33554432, nr_open=2097152, ports=(10240, 65535),
+                    tcp_mem=(1030216, 2060432, 3090648), somaxconn=65535, epoll=33554432)
+    report = build_report(read_box(root), workers=541, target=10_000_000)
+    assert report.target_ok is True, report.short_of_target  # the connections fit
+    assert report.broadcast_reach == {"pages": 3090648, "server": 3090648,
+                                      "loopback": 1545324}
+    text = format_report(report)
+    assert "target 10,000,000 connections on the server side: yes" in text
+    reach = text[text.index("broadcast reach:"):text.index("target 10,000,000")]
+    assert "3,090,648 waiting sockets at once" in reach
+    assert "at least 10,000,000" in " ".join(reach.split()) and "tuning/apply.sh" in reach

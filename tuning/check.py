@@ -316,6 +316,7 @@ class Report:
     target: int | None = None
     target_ok: bool | None = None
     short_of_target: list[str] = field(default_factory=list)
+    broadcast_reach: dict | None = None  # see broadcast_reach()
 
 
 def _plural(n: int, word: str) -> str:
@@ -403,17 +404,9 @@ def _rows(box: Box, workers: int, client_procs: int, source_ips: int, dest_ports
     else:
         rows.append(Row("RAM", "MemTotal", unknown))
 
-    if box.tcp_mem and len(box.tcp_mem) == 3:
-        pages = box.tcp_mem[2]
-        fix = ("raise net.ipv4.tcp_mem (in 4 KiB pages; tuning/sysctl.conf): a broadcast "
-               "queues a reply, at least one page, on every waiting socket at once")
-        rows.append(Row(
-            "tcp_mem max, 1 page/reply", "net.ipv4.tcp_mem",
-            f"{pages:,} pages ({_gib(pages * TCP_MEM_PAGE_BYTES)})",
-            tcp_mem_capacity(pages, 1), tcp_mem_capacity(pages, 1), tcp_mem_capacity(pages, 2),
-            {s: fix for s in SIDES}))
-    else:
-        rows.append(Row("tcp_mem max, 1 page/reply", "net.ipv4.tcp_mem", unknown))
+    # tcp_mem is no row here: it caps what one broadcast can reach, not what can be open
+    # (a 16-core box held 10,000,000 idle polls under a tcp_mem max of 3,090,648 pages).
+    # See broadcast_reach().
 
     if box.conntrack_max is not None and box.conntrack_count == 0:
         # Loaded, but no netfilter rule asks for it, so its hooks are not registered: it
@@ -445,6 +438,33 @@ def _first_cap(rows: list[Row], side: str) -> Cap | None:
         return None
     n, row = min(capped, key=lambda c: c[0])
     return Cap(row.name, n, f"{row.name}: {row.fix.get(side, '')}".rstrip(": "))
+
+
+def broadcast_reach(box: Box) -> dict | None:
+    """How many waiting sockets one broadcast can queue a reply on at once: net.ipv4.tcp_mem's
+    max in pages, one page per reply (the loopback column: both ends' replies and reads count).
+    Not a cap on connections: idle sockets charge nothing to tcp_mem."""
+    if not box.tcp_mem or len(box.tcp_mem) != 3:
+        return None
+    pages = box.tcp_mem[2]
+    return {"pages": pages, "server": tcp_mem_capacity(pages, 1),
+            "loopback": tcp_mem_capacity(pages, 2)}
+
+
+def _reach_line(reach: dict | None, target: int | None) -> str:
+    if reach is None:
+        return "unknown (net.ipv4.tcp_mem could not be read)"
+    line = (f"{reach['server']:,} waiting sockets at once ({reach['loopback']:,} with the "
+            f"client on this box): net.ipv4.tcp_mem max {reach['pages']:,} pages "
+            f"({_gib(reach['pages'] * TCP_MEM_PAGE_BYTES)}), one page per queued reply. Not a "
+            "cap on connections (idle sockets cost tcp_mem nothing): a broadcast to more "
+            "waiting polls than this stalls its sends until replies drain")
+    if target is not None and reach["server"] < target:
+        line += (f". For a broadcast to reach {target:,} at once, set the third number of "
+                 f"net.ipv4.tcp_mem to at least {target * TCP_MEM_PAGES_PER_BUSY_SOCKET:,} "
+                 "in tuning/sysctl.conf and run tuning/apply.sh (it keeps the higher of that "
+                 "and the box's value)")
+    return line
 
 
 def _warnings(box: Box) -> list[str]:
@@ -482,6 +502,7 @@ def build_report(box: Box, workers: int | None = None, client_processes: int | N
     ]
     report = Report(box.root, box.cpus, workers, client_processes, source_ips, dest_ports,
                     rows, first, _warnings(box), notes)
+    report.broadcast_reach = broadcast_reach(box)
     if target is not None:
         report.target = target
         cap = first["server"]
@@ -539,6 +560,8 @@ def format_report(report: Report) -> str:
             lines.append(f"  {side:<9} unknown (no limit could be read)")
         else:
             lines += _wrap(cap.fix, f"  {side:<8} {_count(cap.connections):>9}  ", hang=0)
+    lines += [""] + _wrap(_reach_line(report.broadcast_reach, report.target),
+                          "broadcast reach: ", hang=0)
     if report.target is not None:
         verdict = "yes" if report.target_ok else "NO"
         lines += ["", f"target {report.target:,} connections on the server side: {verdict}"]
