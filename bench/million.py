@@ -127,6 +127,7 @@ def run(a) -> dict:
          "--status-interval", "10", "--backlog", "65535"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     client = None
+    client_json = Path(a.json).with_suffix(".client.json")
     try:
         while True:  # every worker up
             if time.monotonic() > deadline or manager.poll() is not None:
@@ -144,7 +145,6 @@ def run(a) -> dict:
         rss_idle = sum(rss(p) for p in pids[1:])
         kernel0 = kernel_memory()
         cpu0 = cpu_of(pids)
-        client_json = Path(a.json).with_suffix(".client.json")
         client = subprocess.Popen(
             [sys.executable, str(ROOT / "client.py"), "m", "127.0.0.1", "--workers",
              str(workers), "--base-port", str(base_port), "--app-port", str(app_port),
@@ -245,7 +245,7 @@ def run(a) -> dict:
         result["client"] = {k: c.get(k) for k in (
             "opened", "peak_open", "connect_rate", "ramp_s", "sent", "received", "lost",
             "duplicates", "latency_ms", "msgs_per_s", "other_messages", "cause", "failed")}
-    except (OSError, ValueError, UnboundLocalError):
+    except (OSError, ValueError):
         result["client"] = None
     return result
 

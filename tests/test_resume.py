@@ -889,6 +889,21 @@ def test_sse_since_replays_the_history_after_it(manager):
     stream.close()
 
 
+def test_a_repeated_since_takes_the_last_and_a_stream_ignores_callback(manager):
+    """Choices the README states: of `since` given twice the last counts; a stream has no use
+    for `callback` and ignores it, even one a poll would refuse (400)."""
+    m = manager
+    id_ = id_for(1, "rep")
+    port = m.port_for(id_)
+    m1, m2 = publish_kept(m, id_, b"m1", b"m2")
+    got(poll_now(port, id_, f"?since=0-0&since={m1}"), b"m2", m2)
+    got(poll_now(port, id_, f"?since={m1}&since=0-0"), b"m1", m1)
+    assert poll_now(port, id_, "?callback=a(b)")[0] == 400
+    stream = Stream(m, id_, f"?callback=a(b)&since={m1}").opened()
+    stream.expect(event(m2, b"m2"))
+    stream.close()
+
+
 def test_sse_without_cursor_first_gets_the_undelivered_messages(manager):
     m = manager
     id_ = id_for(1, "und")
