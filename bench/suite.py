@@ -232,11 +232,16 @@ class Sampler(threading.Thread):
         self.samples.append(self.sample())
 
     def sample(self) -> tuple:
-        ticks = 0
-        for fd in self.stat_fds:
+        """(t, CPU s of all, manager fds, (manager user, manager sys, workers user,
+        workers sys) s): the split is the README's where-the-time-goes."""
+        split = [0, 0, 0, 0]
+        for k, fd in enumerate(self.stat_fds):
             fields = os.pread(fd, 2048, 0).rsplit(b")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-        return time.monotonic(), ticks / CLK_TCK, len(os.listdir(self.fd_dir))
+            at = 0 if k == 0 else 2  # stat_fds[0] is the manager's
+            split[at] += int(fields[11])
+            split[at + 1] += int(fields[12])
+        return (time.monotonic(), sum(split) / CLK_TCK, len(os.listdir(self.fd_dir)),
+                tuple(x / CLK_TCK for x in split))
 
     def run(self) -> None:
         while not self.done.wait(SAMPLE_S):
@@ -375,7 +380,12 @@ def measure_paced(impl: str, workers: int, conns: int, messages: int, rate: floa
         ramp_cpu = w["start"][1] - w["t0"][1]
         msg_cpu = w["end"][1] - w["start"][1]
         lat = c.get("latency_ms") or {}
+        split = {f"{who}_{mode}_per_msg_us": round((e - b) / received * 1e6, 1)
+                 for who, mode, e, b in zip(("manager", "manager", "workers", "workers"),
+                                            ("user", "sys", "user", "sys"), w["end"][3],
+                                            w["start"][3], strict=True)} if received else {}
         return {"cpu_per_conn_us": ramp_cpu / max(1, c.get("ids_opened") or 0) * 1e6,
+                **split,
                 "cpu_per_msg_us": msg_cpu / received * 1e6 if received else None,
                 "p50_ms": lat.get("p50") if received else None,
                 "p99_ms": lat.get("p99") if received else None,
@@ -463,6 +473,10 @@ def progress(run: dict) -> str:
             parts.append(f"{label} {run[key]:,.{digits(key)}f} {unit}")
     if run["scenario"] in ("paced", "blast"):
         parts.append(f"received {run.get('received')}/{run.get('sent')}")
+    if run.get("manager_user_per_msg_us") is not None:
+        parts.append("per msg µs manager user/sys {manager_user_per_msg_us}/"
+                     "{manager_sys_per_msg_us}, workers {workers_user_per_msg_us}/"
+                     "{workers_sys_per_msg_us}".format(**run))
     if run.get("guard_cpu_s"):
         parts.append(f"guard CPU {run['guard_cpu_s']} s")
     return ", ".join(parts)
@@ -553,6 +567,11 @@ def parse_args(argv=None):
                    help="s the client holds its polls after its last paced send")
     p.add_argument("--guard", type=float, default=0.3,
                    help="s before the client's exit where the paced phase's end sample is taken")
+    p.add_argument("--only", metavar="SCENARIO[:W],...",
+                   help="run only these scenarios, e.g. paced:2,blast (memory, paced, blast, "
+                        "broadcast; default all)")
+    p.add_argument("--impls", default=",".join(IMPLS),
+                   help=f"implementations to run, comma-separated (default {','.join(IMPLS)})")
     p.add_argument("--json", help="default bench/results/bench-<host>.json")
     p.add_argument("--report", metavar="FILE",
                    help="run nothing: the table again from the raw runs in FILE (a --json "
@@ -563,7 +582,22 @@ def parse_args(argv=None):
         a.memory_conns, a.broadcast_polls, a.gap, a.guard = 2000, 2000, 0.6, 0.2
     if a.guard >= a.gap:
         p.error("--guard must be shorter than --gap")
+    a.impls = [i.strip() for i in a.impls.split(",") if i.strip()]
+    if not a.impls or set(a.impls) - set(IMPLS):
+        p.error(f"--impls: a comma-separated list of {', '.join(IMPLS)}")
+    names = {name for name, _, _ in scenarios(a)}
+    wanted = [w.strip() for w in (a.only or "").split(",") if w.strip()]
+    for w in wanted:
+        name, _, workers = w.partition(":")
+        if name not in names or (workers and not workers.isdigit()):
+            p.error(f"--only {w!r}: expected SCENARIO or SCENARIO:W, SCENARIO one of "
+                    f"{', '.join(sorted(names))}")
+    a.only = wanted
     return a
+
+
+def selected(a, name: str, workers: int) -> bool:
+    return not a.only or name in a.only or f"{name}:{workers}" in a.only
 
 
 def report(path: Path) -> int:
@@ -603,7 +637,9 @@ def main(argv=None) -> int:
     try:
         for r in range(a.rounds):
             for name, workers, fn in scenarios(a):
-                for impl in IMPLS:
+                if not selected(a, name, workers):
+                    continue
+                for impl in a.impls:
                     t0 = time.monotonic()
                     run = {"round": r + 1, "scenario": name, "workers": workers, "impl": impl}
                     try:
