@@ -168,6 +168,7 @@ HEARTBEAT = b":\n"  # an SSE comment line: keeps proxies from closing an idle st
 READING, WRITING, LINGER = 1, 2, 3
 
 EPOLL_CLIENT = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -911,10 +912,11 @@ class Worker:
             self.limit_hit("accept", f"accept failed ({e.strerror}, errno {e.errno}); "
                            f"the listener rests {ACCEPT_BACKOFF} s and tries again")
 
-    def read_head(self, fd: int, entry) -> None:
+    def read_head(self, fd: int, entry, hup: int = 0) -> None:
         """Read what the client sent and act on a whole head. `entry` is its `reading` row,
         [deadline, bytes so far, scanned], or None for a fresh connection: nothing read yet,
-        not registered with epoll, no row (most connections never need one)."""
+        not registered with epoll, no row (most connections never need one). `hup`: epoll
+        reported a hang-up with this edge."""
         fresh = entry is None
         buf, scanned = (b"", 0) if fresh else (entry[1], entry[2])
         eof = False
@@ -931,9 +933,11 @@ class Worker:
                 eof = True  # the client shut its side; what it sent before still counts
                 break
             buf += chunk
-            if len(buf) > MAX_HEAD or (fresh and len(chunk) < want):
-                # A short read drained the socket. Only trusted for a fresh connection: it is
-                # registered after this, and epoll then reports a hang-up that came with it.
+            if len(buf) > MAX_HEAD or (len(chunk) < want and not hup):
+                # A short read drained the socket (no read just for EAGAIN): bytes or a
+                # hang-up that come later bring a new edge (a fresh connection is registered
+                # after this, and epoll then reports what came with it). A hang-up that came
+                # with this edge is only seen by reading on to the EOF.
                 break
         if buf:
             try:
@@ -1361,6 +1365,11 @@ class Worker:
             self.link_read += len(chunk)
             self.handle_frames(self.link_in + chunk if self.link_in else chunk)
             self.count[BEAT_NS] = time.monotonic_ns()
+            if len(chunk) < LINK_READ_SIZE:
+                # Drained: what the manager writes next comes with a new edge. Stopping here
+                # saves the read that would only say EAGAIN, one per message when paced.
+                self.link_hot = False
+                return True
         self.link_hot = True
         return True
 
@@ -1455,7 +1464,7 @@ class Worker:
                     if state[fd] is None or not ev & ~select.EPOLLOUT:
                         continue
                 if s == READING:
-                    self.read_head(fd, self.reading[fd])
+                    self.read_head(fd, self.reading[fd], ev & HANGUP)
                 else:
                     self.discard(fd)
             # The link after the clients (a hang-up in this batch is seen before a message

@@ -754,6 +754,24 @@ def test_request_split_then_half_closed_is_still_answered(manager, cut):
         assert answer(s)[0] == 200
 
 
+@pytest.mark.parametrize("cut", [5, 20])
+def test_poll_split_then_half_closed_is_not_left_waiting(manager, cut):
+    """A poll whose last bytes come with the client's FIN would wait: it is gone instead.
+    (The worker stops reading at a short read; the FIN came with that edge.)"""
+    m = manager
+    id_ = id_for(0, "halfsplit")
+    raw = f"GET /{id_}.js HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+    with connect(m.port_for(id_)) as s:
+        s.sendall(raw[:cut])
+        time.sleep(0.05)
+        s.sendall(raw[cut:])
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(2)
+        assert s.recv(100) == b""  # closed, not held
+    wait_total(m, "connections", 0)
+    assert totals(m)["waiting"] == 0
+
+
 @pytest.mark.parametrize("target", [b"/a0.js?x\rSet-Cookie:evil=1", b"/a1.js?\tx",
                                     b"/a0.js?\x1b", b"/a0.js?\xff"])
 def test_control_bytes_in_the_target_are_400(manager, target):
