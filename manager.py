@@ -153,6 +153,7 @@ class Flow:
         self.open = asyncio.Event()
         self.open.set()
         self.reasons: set = set()
+        self.paused: set = set()  # binary app connections (AppProtocol) waiting for it
 
     def block(self, reason) -> None:
         self.reasons.add(reason)
@@ -160,8 +161,12 @@ class Flow:
 
     def unblock(self, reason) -> None:
         self.reasons.discard(reason)
-        if not self.reasons:
+        if not self.reasons and not self.open.is_set():
             self.open.set()
+            paused, self.paused = self.paused, set()
+            loop = asyncio.get_running_loop()
+            for protocol in paused:  # not now: this may be inside a flush of the outboxes
+                loop.call_soon(protocol.resume)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +339,7 @@ class Supervisor:
         self.exit_code = 0
         self.done = asyncio.Event()
         self.flushing: set = set()  # outboxes to flush at the end of this loop pass
+        self.batching = False  # an AppProtocol read is being routed: it flushes at its end
         self.ack_poll = None  # timer while the flow is blocked
 
     # -- ports and processes -----------------------------------------------------------------
@@ -482,7 +488,7 @@ class Supervisor:
     # -- outboxes: flushed once a loop pass, acknowledged from the pages ---------------------
 
     def flush_soon(self, outbox: Outbox) -> None:
-        if not self.flushing:
+        if not self.flushing and not self.batching:
             self.loop.call_soon(self.flush)
         self.flushing.add(outbox)
 
@@ -658,20 +664,103 @@ class Router:
 # ---------------------------------------------------------------------------------------------
 
 
-class AppReader(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
-    """asyncio.start_server's protocol, reading into one buffer shared by every app
-    connection. The stock transport recv()s a fresh 256 KiB bytes object per read: glibc
-    mmaps it, and shrinking and freeing it cost mremap + munmap and page faults, ~15 µs per
-    read, for reads that are mostly a few dozen bytes (strace of a paced run). recv_into a
-    buffer allocated once costs none of that; feed_data copies what came, as before."""
+class AppProtocol(asyncio.BufferedProtocol):
+    """One app connection. Binary frames, the protocol of publishers in a hurry, are routed
+    right here in the read callback: one loop pass per read. (Through asyncio streams a read
+    takes three: the read wakes the task's future, the task routes and schedules the flush,
+    the flush writes; each pass is an epoll_wait and a turn of the loop, per message when
+    messages come one at a time.) Every other protocol is handed to AppServer.app_connection
+    as a stream at its first byte.
 
-    view = memoryview(bytearray(APP_READ_SIZE))  # used and emptied within one callback
+    Reads go into one buffer shared by every connection (BufferedProtocol): the stock
+    transport recv()s a fresh 256 KiB bytes object per read, which glibc mmaps, and shrinking
+    and freeing it cost mremap + munmap and page faults, ~15 µs a read, for reads that are
+    mostly a few dozen bytes (strace of a paced run). What a read brings is copied out before
+    the callback returns."""
+
+    view = memoryview(bytearray(APP_READ_SIZE))
+
+    def __init__(self, app: "AppServer"):
+        self.app = app
+        self.transport = None
+        self.stream = None  # the StreamReaderProtocol, once handed to app_connection
+        self.binary = False
+        self.first = True  # the first read is taken whole, gate or not (read_more)
+        self.buf = b""  # binary: what is not routed yet (a part frame, or frames gated)
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.app.app_connections += 1
 
     def get_buffer(self, sizehint: int):
         return self.view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.view[:nbytes])
+        if self.stream is not None:
+            self.stream.data_received(self.view[:nbytes])
+            return
+        data = bytes(self.view[:nbytes])
+        if not self.binary:
+            if data[0] != 0x02 or self.app.opts.app_token is not None:
+                self.stream = asyncio.StreamReaderProtocol(
+                    asyncio.StreamReader(APP_READ_SIZE), self.app.app_connection)
+                self.stream.connection_made(self.transport)
+                self.stream.data_received(data)
+                return
+            self.binary = True
+        self.buf = self.buf + data if self.buf else data
+        self.route()
+
+    def route(self) -> None:
+        """Route the whole frames in hand, up to the gate; read on, or wait for the gate."""
+        supervisor = self.app.supervisor
+        supervisor.batching = True
+        try:
+            used, gated, why = self.app.binary_frames(self.buf, self.first)
+        finally:
+            supervisor.batching = False
+            if supervisor.flushing:
+                supervisor.flush()
+        self.first = False
+        if why is not None:
+            self.app.app_error_bare(why)
+            self.buf = b""
+            self.transport.close()
+            return
+        self.buf = self.buf[used:]
+        # Held between messages, never inside one (AppServer.read_more says why).
+        if gated or (not self.buf and not self.app.flow.open.is_set()):
+            self.transport.pause_reading()
+            self.app.flow.paused.add(self)
+
+    def resume(self) -> None:
+        if self.transport.is_closing():
+            return
+        if self.buf:
+            self.route()  # may pause again
+        if self not in self.app.flow.paused:
+            self.transport.resume_reading()
+
+    def eof_received(self):
+        if self.stream is not None:
+            return self.stream.eof_received()
+        if self.buf:
+            self.app.app_error_bare("connection closed inside a binary frame")
+        return False  # close
+
+    def pause_writing(self) -> None:
+        if self.stream is not None:
+            self.stream.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.stream is not None:
+            self.stream.resume_writing()
+
+    def connection_lost(self, exc) -> None:
+        self.app.app_connections -= 1
+        self.app.flow.paused.discard(self)
+        if self.stream is not None:
+            self.stream.connection_lost(exc)
 
 
 class AppServer:
@@ -695,7 +784,7 @@ class AppServer:
         return s
 
     async def app_connection(self, reader, writer) -> None:
-        self.app_connections += 1
+        """JSON lines and HTTP, as a stream (AppProtocol hands them over)."""
         try:
             # Not held back by the flow gate: a GET /stats is most wanted exactly then. What
             # this read brings is bounded all the same: a full outbox refuses (Outbox.put).
@@ -703,11 +792,8 @@ class AppServer:
             if not data:
                 return
             first = data[0]
-            if first == 0x02:
-                if self.opts.app_token is None:
-                    await self.serve_binary(reader, data)
-                else:
-                    self.app_error(writer, "binary frames refused: --app-token is set")
+            if first == 0x02:  # (without --app-token, AppProtocol serves them)
+                self.app_error(writer, "binary frames refused: --app-token is set")
             elif first == ord("{"):
                 await self.serve_json_lines(reader, writer, data)
             elif 65 <= first <= 90 or 97 <= first <= 122:  # an ASCII letter, as SPEC says
@@ -723,7 +809,6 @@ class AppServer:
         except Exception as e:  # a bug shown in one line, never a silent dead connection
             self.app_error(writer, f"internal error {e!r}")
         finally:
-            self.app_connections -= 1
             writer.close()
 
     def app_error(self, writer, why: str) -> None:
@@ -746,47 +831,36 @@ class AppServer:
     def gated(self) -> bool:
         return not self.flow.open.is_set()
 
-    async def serve_binary(self, reader, buf: bytes) -> None:
-        """The original's frames: 0x02 <id> 0x00 <message> 0x00, repeated, no reply."""
+    def binary_frames(self, buf: bytes, first: bool) -> tuple:
+        """The original's frames: 0x02 <id> 0x00 <message> 0x00, repeated, no reply. Routes
+        the whole ones at the start of buf; returns (bytes used, gated, error or None).
+        Once the gate is closed, the frames after the one in hand wait (`gated`), except in
+        a connection's first read, taken whole."""
         max_message = self.opts.max_message
-        first = True  # the first read is taken whole, gate or not (see app_connection)
-        while True:
-            pos, size = 0, len(buf)
-            gated = False
-            while pos < size:
-                if pos and not first and self.gated():
-                    gated = True  # the frames after this one wait for the gate
-                    break
-                if buf[pos] != 0x02:
-                    return self.app_error_bare("binary frame does not start with 0x02")
-                id_end = buf.find(b"\x00", pos + 1, pos + 130)
-                if id_end == -1:
-                    if size - pos >= 130:
-                        return self.app_error_bare("binary frame id over 128 bytes")
-                    break
-                id_ = buf[pos + 1:id_end]
-                if not valid_id(id_):
-                    return self.app_error_bare(f"invalid id {id_[:40]!r} in a binary frame")
-                msg_end = buf.find(b"\x00", id_end + 1, id_end + max_message + 2)
-                if msg_end == -1:
-                    if size - id_end - 1 > max_message:
-                        return self.app_error_bare(f"message over --max-message {max_message}")
-                    break
-                _, refused = self.router.send_one(id_, buf[id_end + 1:msg_end])
-                if refused is not None:  # the frames before it were taken
-                    return self.app_error_bare(f"binary frame refused: {refused}")
-                pos = msg_end + 1
-            buf = buf[pos:]
-            first = False
-            if gated:
-                await self.flow.open.wait()
-                continue
-            data = await self.read_more(reader, bool(buf))
-            if not data:
-                if buf:
-                    self.app_error_bare("connection closed inside a binary frame")
-                return
-            buf += data
+        pos, size = 0, len(buf)
+        while pos < size:
+            if pos and not first and not self.flow.open.is_set():
+                return pos, True, None
+            if buf[pos] != 0x02:
+                return pos, False, "binary frame does not start with 0x02"
+            id_end = buf.find(b"\x00", pos + 1, pos + 130)
+            if id_end == -1:
+                if size - pos >= 130:
+                    return pos, False, "binary frame id over 128 bytes"
+                break
+            id_ = buf[pos + 1:id_end]
+            if not valid_id(id_):
+                return pos, False, f"invalid id {id_[:40]!r} in a binary frame"
+            msg_end = buf.find(b"\x00", id_end + 1, id_end + max_message + 2)
+            if msg_end == -1:
+                if size - id_end - 1 > max_message:
+                    return pos, False, f"message over --max-message {max_message}"
+                break
+            _, refused = self.router.send_one(id_, buf[id_end + 1:msg_end])
+            if refused is not None:  # the frames before it were taken
+                return pos, False, f"binary frame refused: {refused}"
+            pos = msg_end + 1
+        return pos, False, None
 
     def app_error_bare(self, why: str) -> None:
         self.app_rejected += 1
@@ -1038,9 +1112,8 @@ async def run(opts) -> int:
     router = Router(supervisor)
     app = AppServer(opts, router, supervisor, flow)
     try:
-        server_ = await loop.create_server(
-            lambda: AppReader(asyncio.StreamReader(APP_READ_SIZE), app.app_connection),
-            opts.app_host, opts.app_port, backlog=opts.backlog)
+        server_ = await loop.create_server(lambda: AppProtocol(app), opts.app_host,
+                                           opts.app_port, backlog=opts.backlog)
     except OSError as e:
         sys.exit(f"megacomet: cannot listen on app port {opts.app_host}:{opts.app_port}: "
                  f"{e.strerror} (--app-host, --app-port)")
