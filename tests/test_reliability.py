@@ -608,3 +608,31 @@ def test_a_message_half_read_when_the_gate_closes_is_taken_whole(manager_factory
                 f.readline()
         finally:
             os.kill(pid0, signal.SIGCONT)
+
+
+def test_a_binary_publisher_is_held_by_the_gate_and_resumed_when_it_opens(manager_factory):
+    """Binary frames are routed in the read callback: while a stopped worker holds the flow
+    gate closed, a binary publisher past its first read gets at most one message through
+    (SPEC: the manager stops reading), and the rest follow, in order, once it opens."""
+    m = manager_factory("--queue-bytes", "1000000", "--worker-timeout", "60")
+    pid0 = worker_pids(m)[0]
+    w1 = id_for(1, "heldbin")
+    with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as pub:
+        pub.sendall(binary([w1], b"m0"))
+        wait_total(m, "queued_messages", 1)
+        os.kill(pid0, signal.SIGSTOP)
+        try:
+            for id_ in ids_for(0, 12, "gatebin"):  # first reads: taken, the gate closes
+                with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as s:
+                    assert http_publish(s, id_, b"y" * 60_000)[0] in (202, 503)
+            assert m.stats()["manager"]["paused"] == [0]
+            pub.sendall(b"".join(binary([w1], b"m%d" % k) for k in range(1, 6)))
+            time.sleep(0.5)
+            held = m.stats()["workers"][1]["queued_messages"]
+            assert held <= 2, f"{held - 1} messages passed the closed gate"
+        finally:
+            os.kill(pid0, signal.SIGCONT)
+        wait_until(lambda: m.stats()["workers"][1]["queued_messages"] == 6, 5,
+                   what="the held frames routed once the gate opened")
+    got = [poll_now(m.port_for(w1), w1)[3] for _ in range(6)]
+    assert got == [b"m%d" % k for k in range(6)]
