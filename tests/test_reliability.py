@@ -636,3 +636,29 @@ def test_a_binary_publisher_is_held_by_the_gate_and_resumed_when_it_opens(manage
                    what="the held frames routed once the gate opened")
     got = [poll_now(m.port_for(w1), w1)[3] for _ in range(6)]
     assert got == [b"m%d" % k for k in range(6)]
+
+
+def test_polls_are_corked_and_streams_are_not(thread_worker):
+    """The listener corks every connection (an answer's last segment carries the FIN); a
+    stream must uncork, or its events would sit in the kernel for up to 200 ms."""
+    tw = thread_worker()
+    poll = socket.create_connection(("127.0.0.1", tw.port))
+    stream = socket.create_connection(("127.0.0.1", tw.port))
+    try:
+        poll.sendall(b"GET /p.js HTTP/1.1\r\nHost: h\r\n\r\n")
+        stream.sendall(b"GET /s.sse HTTP/1.1\r\nHost: h\r\n\r\n")
+        wait_until(lambda: tw.count("waiting") == 2, what="2 waiting")
+        corked = {}
+        for fd, s in enumerate(tw.worker.state):
+            if s.__class__ is bytes:
+                with socket.socket(fileno=os.dup(fd)) as mine:
+                    corked[s] = mine.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+        assert corked == {b"p": 1, b"s": 0}
+        tw.send(b"s", b"hello")
+        stream.settimeout(5)
+        data = b""
+        while b"hello" not in data:
+            data += stream.recv(4096)
+    finally:
+        poll.close()
+        stream.close()
