@@ -264,7 +264,9 @@ def plan_procs(conns: int, nofile_hard: int, override: int | None = None
 
 def listen_overflows(path: str = "/proc/net/netstat") -> int | None:
     """The kernel's TcpExt ListenOverflows: SYNs dropped because an accept queue was full.
-    This box's (this network namespace's) count, so it speaks for a server on the same box."""
+    Box-wide (this network namespace's, every program's listeners together), so a run reads it
+    before and after and reports the difference as such: not its own drops, which it cannot
+    tell apart, but a sign of them when the server is on this box."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
@@ -1446,9 +1448,10 @@ def likely_cause(target: int, peak_open: int, failed: dict, errnos: dict,
         "http": "server answered with errors (see the status counts)",
     }
     if overflows:
-        messages["timeout"] = (f"connect timeouts, and the kernel dropped {overflows:,} SYNs "
-                               f"at a full accept queue: the server accepts too slowly or not "
-                               f"at all (its open-file limit?), or --backlog/somaxconn too small")
+        messages["timeout"] = (f"connect timeouts, and box-wide ListenOverflows during the run "
+                               f"(all programs) rose by {overflows:,}: the server accepts too "
+                               f"slowly or not at all (its open-file limit?), or "
+                               f"--backlog/somaxconn too small")
     worst = max(failed, key=lambda c: failed[c]) if failed else None
     if worst and failed[worst]:
         if worst == "other":
@@ -1517,7 +1520,8 @@ class Parent:
         self.t_start = time.monotonic()
         self.send_t0_s = 0.0
         self.server: dict | None = None     # the manager's /stats totals at the ramp's end
-        # The box's SYN drops at full accept queues: ours to read only if the server is here.
+        # Box-wide SYN drops at full accept queues, all programs: a sign of ours only if the
+        # server is on this box. The summary reports the delta over the run.
         self.overflows0 = listen_overflows() if cfg.loopback else None
         self.open_at_ramp_end = 0
         self.accepted0 = None  # the server's accepted count before we start: exact shortfall
@@ -1716,15 +1720,17 @@ class Parent:
         }
         summary["msgs_per_s"] = round(received / span, 1) if received and span > 0 else None
         overflows = None
-        if self.overflows0 is not None:
-            overflows = (listen_overflows() or 0) - self.overflows0
+        end = listen_overflows() if self.overflows0 is not None else None
+        if end is not None:
+            overflows = end - self.overflows0
         summary["listen_overflows"] = overflows
         summary["cause"] = likely_cause(cfg.conns, max(peak, ids_opened), t.failed,
                                         t.errnos, server, self.open_at_ramp_end, overflows)
         notes = []
         if overflows:
-            notes.append(f"the kernel dropped {overflows:,} SYNs at a full accept queue during "
-                         f"the run (ListenOverflows); each waits 1, 3, 7 s to be resent")
+            notes.append(f"box-wide ListenOverflows during the run (all programs): {overflows:,} "
+                         f"SYNs dropped at a full accept queue, the server's or another "
+                         f"program's; a dropped SYN is resent after 1, 3, 7 s")
         if summary["lost"] and summary["connecting_at_end"]:
             notes.append(f"{summary['connecting_at_end']:,} re-polls were still connecting at "
                          f"the end; their ids' messages wait in the server meanwhile: a longer "

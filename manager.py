@@ -38,6 +38,7 @@ id (MessageIds, given at acceptance), so clients recognise the second copy.
 
 import argparse
 import asyncio
+import errno
 import fcntl
 import hmac
 import json
@@ -55,7 +56,7 @@ import options
 import server
 from link import BEAT_NS, BROADCAST, LINK_DONE
 from server import LINK_FD, LISTEN_FD, PAGE_FD, HTTPError, parse_request, valid_id
-from tuning.check import manager_capacity_line, raise_nofile
+from tuning.check import manager_capacity_line, port_clash_hint, raise_nofile
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -82,12 +83,52 @@ STAT_FIELDS = ("connections", "waiting", "queued_messages", "queued_bytes", "del
                *link.COUNTERS[link.COUNTERS.index("closed_header_timeout"):])
 
 
-def describe_exit(status: int) -> str:
+def describe_exit(status: int, by_watchdog: bool = False, oom_kills: int = 0) -> str:
+    """`oom_kills`: how many processes the kernel's OOM killer killed while this one lived.
+    A SIGKILL is only called "out of memory?" on that evidence: a person or a script sends
+    it too."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        why = " (out of memory, or the watchdog?)" if sig == signal.SIGKILL else ""
+        why = ""
+        if sig == signal.SIGKILL and by_watchdog:
+            why = " from the watchdog (--worker-timeout)"
+        elif sig == signal.SIGKILL and oom_kills > 0:
+            why = (f" (out of memory? the kernel's OOM killer killed {oom_kills:,} "
+                   f"process{'es' if oom_kills > 1 else ''} meanwhile: see dmesg)")
         return f"killed by {signal.Signals(sig).name}{why}"
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+def oom_kill_count(path: str = "/proc/vmstat") -> int | None:
+    """The kernel's count of OOM kills since boot (global and cgroup ones: Linux 4.13+), or
+    None where it cannot be read."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def bind_error(what: str, host: str, port: int, flags: str, e: OSError, opts) -> str:
+    """The one wording for a comet port and the app port that cannot be bound."""
+    # asyncio's start_server words its own strerror ("error while attempting to bind ...").
+    why = e.strerror if isinstance(e, socket.gaierror) or not e.errno else os.strerror(e.errno)
+    advice = ""
+    if e.errno == errno.EADDRINUSE:
+        advice = "; is another server running there?"
+        hint = port_clash_hint(port, [*range(opts.base_port, opts.base_port + opts.workers),
+                                      opts.app_port])
+        if hint:
+            advice += " Or: " + hint
+    elif e.errno == errno.EADDRNOTAVAIL:
+        advice = f"; is {host} an address of this box?"
+    elif e.errno == errno.EACCES and port < 1024:
+        advice = "; ports below 1024 need root (or CAP_NET_BIND_SERVICE)"
+    return (f"megacomet: cannot listen on {what} {host}:{port} ({flags}): "
+            f"{why or e}{advice}")
 
 
 def log(line: str) -> None:
@@ -294,6 +335,7 @@ class Slot:
         self.started = 0.0
         self.restart_at = 0.0  # when the reconcile pass may spawn it again
         self.killed_by_watchdog = False
+        self.oom_kills0 = None  # the kernel's OOM kill count when the process started
         self.restarts = 0
         self.link = None  # the live Link protocol, or None
         self.carried = dict.fromkeys(link.COUNTERS, 0)  # dead processes' final counters
@@ -351,8 +393,7 @@ class Supervisor:
             try:
                 listener = server.make_listener(o.host, port, o.backlog, o.keepalive)
             except OSError as e:
-                sys.exit(f"megacomet: cannot listen on {o.host}:{port}: {e.strerror}; "
-                         "is another server running there? (--host, --base-port)")
+                sys.exit(bind_error("comet port", o.host, port, "--host, --base-port", e, o))
             outbox = Outbox(n, o.queue_bytes, self.flow, self.flush_soon)
             self.slots.append(Slot(n, self.cpus[n % len(self.cpus)], port, listener, outbox))
 
@@ -388,6 +429,7 @@ class Supervisor:
             theirs.close()
         slot.started = time.monotonic()
         slot.killed_by_watchdog = False
+        slot.oom_kills0 = oom_kill_count()
         try:
             os.sched_setaffinity(slot.pid, {slot.cpu})
         except OSError:
@@ -432,7 +474,10 @@ class Supervisor:
         lost = f", {figures['undelivered']:,} undelivered messages lost" \
             if figures["undelivered"] else ""
         again = f", {replayed:,} unacknowledged frames replayed" if replayed else ""
-        log(f"worker {slot.n} (pid {pid}, cpu {slot.cpu}) {describe_exit(status)}{lost}{again}")
+        oom_now = oom_kill_count()
+        ooms = oom_now - slot.oom_kills0 if None not in (oom_now, slot.oom_kills0) else 0
+        how = describe_exit(status, slot.killed_by_watchdog, ooms)
+        log(f"worker {slot.n} (pid {pid}, cpu {slot.cpu}) {how}{lost}{again}")
         if code == server.EXIT_BOOT_ERROR:
             log(f"worker {slot.n} cannot boot; stopping (see the line above)")
             self.exit_code = 1
@@ -1115,8 +1160,8 @@ async def run(opts) -> int:
         server_ = await loop.create_server(lambda: AppProtocol(app), opts.app_host,
                                            opts.app_port, backlog=opts.backlog)
     except OSError as e:
-        sys.exit(f"megacomet: cannot listen on app port {opts.app_host}:{opts.app_port}: "
-                 f"{e.strerror} (--app-host, --app-port)")
+        sys.exit(bind_error("app port", opts.app_host, opts.app_port,
+                            "--app-host, --app-port", e, opts))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, supervisor.stop)
     loop.add_signal_handler(signal.SIGCHLD, supervisor.reap)
@@ -1182,13 +1227,28 @@ def parse_args(argv=None):
                         "(seconds; a stopped or stuck worker)")
     p.add_argument("--status-interval", type=options.non_negative, default=10.0,
                    help="status line period in seconds (0: off)")
-    p.add_argument("--cors-origin", default="*", help="Access-Control-Allow-Origin value")
-    p.add_argument("--app-token", default=None,
+    p.add_argument("--cors-origin", type=options.header_value, default="*",
+                   help="Access-Control-Allow-Origin value")
+    p.add_argument("--app-token", type=options.token, default=None,
                    help="require this token on the app port (HTTP Bearer, JSON auth line)")
     opts = p.parse_args(argv)
-    if opts.base_port + opts.workers - 1 > 65535:
-        p.error("--base-port + --workers runs past port 65535")
+    last = opts.base_port + opts.workers - 1
+    if last > 65535:
+        p.error(f"--base-port {opts.base_port} + --workers {opts.workers} runs past port 65535 "
+                f"(the last worker would listen on {last})")
+    if opts.base_port <= opts.app_port <= last and same_address(opts.host, opts.app_host):
+        p.error(f"--app-port {opts.app_port} is one of the comet ports {opts.base_port}-{last} "
+                f"(--base-port {opts.base_port} + --workers {opts.workers}, worker "
+                f"{opts.app_port - opts.base_port} listens there): pick an app port outside "
+                "them")
     return opts
+
+
+def same_address(a: str, b: str) -> bool:
+    """Whether listeners on host a and host b, same port, would collide: the same address,
+    or either one a wildcard (which takes the port on every address)."""
+    wild = ("", "0.0.0.0", "::", "0:0:0:0:0:0:0:0")
+    return a == b or a in wild or b in wild
 
 
 def main(argv=None) -> int:

@@ -1,45 +1,70 @@
 """Command-line value checks, one set for manager.py, server.py and client.py.
 
-Each is an argparse `type=`: it returns the parsed value or raises ArgumentTypeError with a
-line that names what was wrong. Floats must be finite: float() takes "nan" and "inf", and a NaN
-timeout compares false with everything, so a deadline built from it never fires.
+Each is an argparse `type=`: it returns the parsed value or raises ArgumentTypeError, which
+argparse prints as `argument --workers: expected a whole number 1 or more, got 'abc'` (a plain
+ValueError would print the function's name instead: `invalid positive_int value: 'abc'`).
+Floats must be finite: float() takes "nan" and "inf", and a NaN timeout compares false with
+everything, so a deadline built from it never fires.
 """
 
 import argparse
 import math
 
 
-def _number(kind, text: str, ok, must: str):
+def _number(kind, text: str, ok, expected: str):
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
     if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     if not ok(value):
-        raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
 
 
 def positive_int(text: str) -> int:
-    return _number(int, text, lambda v: v >= 1, "1 or more")
+    return _number(int, text, lambda v: v >= 1, "a whole number 1 or more")
 
 
 def positive_float(text: str) -> float:
-    return _number(float, text, lambda v: v > 0, "more than 0")
+    return _number(float, text, lambda v: v > 0, "a number more than 0")
 
 
 def non_negative(text: str) -> float:
     """A duration or rate where 0 means off (or "at once")."""
-    return _number(float, text, lambda v: v >= 0, "0 or more")
+    return _number(float, text, lambda v: v >= 0, "a number 0 or more")
 
 
 def non_negative_int(text: str) -> int:
-    return _number(int, text, lambda v: v >= 0, "0 or more")
+    return _number(int, text, lambda v: v >= 0, "a whole number 0 or more")
 
 
 def port(text: str) -> int:
-    value = _number(int, text, lambda v: True, "")
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port (1-65535): {text}")
-    return value
+    return _number(int, text, lambda v: 1 <= v <= 65535, "a port number 1-65535")
+
+
+def _visible_ascii(text: str, spaces: bool) -> bool:
+    low = 0x20 if spaces else 0x21
+    return bool(text.strip()) and all(low <= ord(c) <= 0x7E for c in text)
+
+
+def token(text: str) -> str:
+    """--app-token: compared with the bytes of `Authorization: Bearer T` and of a JSON auth
+    line. Visible ASCII only: an empty one would be a lock anyone opens, a space at either end
+    is stripped from the header (so it could never match), and a byte that is not ASCII may
+    not even be encodable (a non-UTF-8 argv)."""
+    if not _visible_ascii(text, spaces=False):
+        raise argparse.ArgumentTypeError(
+            f"expected a token of visible ASCII characters (no spaces), got {text!r}")
+    return text
+
+
+def header_value(text: str) -> str:
+    """A value sent as an HTTP header (--cors-origin): a CR or LF would start a header of
+    its own in every answer."""
+    if not _visible_ascii(text, spaces=True) or text != text.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected an HTTP header value of visible ASCII characters (such as * or "
+            f"https://example.com), got {text!r}")
+    return text

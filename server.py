@@ -1578,10 +1578,10 @@ def parse_args(argv=None):
     p.add_argument("--header-timeout", type=options.positive_float, default=10.0)
     p.add_argument("--write-timeout", type=options.positive_float, default=30.0)
     p.add_argument("--worker-timeout", type=options.positive_float, default=10.0)
-    p.add_argument("--cors-origin", default="*")
-    p.add_argument("--listen-fd", type=int, default=LISTEN_FD)
-    p.add_argument("--link-fd", type=int, default=LINK_FD)
-    p.add_argument("--page-fd", type=int, default=PAGE_FD)
+    p.add_argument("--cors-origin", type=options.header_value, default="*")
+    p.add_argument("--listen-fd", type=options.non_negative_int, default=LISTEN_FD)
+    p.add_argument("--link-fd", type=options.non_negative_int, default=LINK_FD)
+    p.add_argument("--page-fd", type=options.non_negative_int, default=PAGE_FD)
     return p.parse_args(argv)
 
 

@@ -584,16 +584,17 @@ def test_a_previous_runs_queued_messages_are_not_counted(manager_factory, tmp_pa
     (["--source-ips", "10.99.99.1"], "cannot bind 10.99.99.1"),
     (["--source-ips", "10.0.0.0/8"], "over 65536"),
     (["--json", "/nonexistent/dir/x.json"], "--json"),
-    (["--workers", "0"], "must be 1 or more"),
-    (["--rate", "-5"], "must be 0 or more"),
-    (["--send", "-5"], "must be 0 or more"),
-    (["--send", "1.5"], "not a number"),
-    (["--rate", "nan"], "finite"),
+    (["--workers", "0"], "argument --workers: expected a whole number 1 or more, got '0'"),
+    (["--rate", "-5"], "argument --rate: expected a number 0 or more, got '-5'"),
+    (["--rate", "abc"], "argument --rate: expected a number 0 or more, got 'abc'"),
+    (["--send", "-5"], "expected a whole number 0 or more, got '-5'"),
+    (["--send", "1.5"], "expected a whole number 0 or more, got '1.5'"),
+    (["--rate", "nan"], "argument --rate: expected a finite number, got 'nan'"),
     (["--hold", "inf"], "finite"),
     (["--grace=-inf"], "finite"),
-    (["--max-time", "0"], "more than 0"),
+    (["--max-time", "0"], "argument --max-time: expected a number more than 0, got '0'"),
     (["--connect-timeout", "0"], "more than 0"),
-    (["--app-port", "70000"], "not a port"),
+    (["--app-port", "70000"], "argument --app-port: expected a port number 1-65535, got '70000'"),
 ])
 def test_bad_options_fail_at_once_with_a_clear_line(args, message):
     p = subprocess.run([*CLIENT, "x", "127.0.0.1", "--workers", "2", *args], cwd=ROOT,
@@ -827,6 +828,16 @@ def test_a_server_that_never_accepts_gives_timeouts(tmp_path):
     assert s["failed"]["timeout"] > 0 and s["ids_opened"] < 20
     assert s["cause"].startswith("connect timeouts")
     assert s["listen_overflows"] is None or s["listen_overflows"] > 0
+    if s["listen_overflows"]:  # a box-wide count (every program's), said so, never "ours"
+        assert "note      box-wide ListenOverflows during the run (all programs): " in p.stdout
+        assert "box-wide ListenOverflows during the run (all programs) rose by" in s["cause"]
+
+
+def test_listen_overflows_are_named_box_wide_not_this_runs():
+    """ListenOverflows counts every program's accept queues: the cause says so."""
+    cause = client.likely_cause(100, 40, {"timeout": 60}, {}, None, 40, overflows=7)
+    assert cause.startswith("connect timeouts, and box-wide ListenOverflows during the run "
+                            "(all programs) rose by 7: "), cause
 
 
 def test_listen_overflows_reads_tcpext(tmp_path):

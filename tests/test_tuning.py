@@ -22,7 +22,9 @@ from tuning.check import (
     format_report,
     main,
     manager_capacity_line,
+    parse_port_list,
     per_worker_capacity,
+    port_list_text,
     read_box,
 )
 
@@ -34,7 +36,7 @@ GIB = 2**30
 
 def make_box(root: Path, *, nofile=(20000, 20000), cpus=2, mem_gib=24, file_max=2466170,
              nr_open=1048576, ports=(32768, 60999), tcp_mem=(287898, 383867, 575796),
-             somaxconn=4096, conntrack=None, epoll=5491511) -> str:
+             somaxconn=4096, conntrack=None, epoll=5491511, reserved=None) -> str:
     """Write a fake /proc for one box under root; None leaves that file out."""
     def put(rel, text):
         if text is None:
@@ -50,6 +52,7 @@ def make_box(root: Path, *, nofile=(20000, 20000), cpus=2, mem_gib=24, file_max=
     put("proc/sys/fs/epoll/max_user_watches", one(epoll))
     put("proc/sys/net/ipv4/ip_local_port_range", ints(ports))
     put("proc/sys/net/ipv4/tcp_mem", ints(tcp_mem))
+    put("proc/sys/net/ipv4/ip_local_reserved_ports", one(reserved))
     put("proc/sys/net/core/somaxconn", one(somaxconn))
     put("proc/sys/net/netfilter/nf_conntrack_max", one(conntrack))
     if mem_gib is not None:
@@ -325,3 +328,69 @@ def test_tcp_mem_is_the_broadcast_reach_not_a_connection_cap(tmp_path):
     reach = text[text.index("broadcast reach:"):text.index("target 10,000,000")]
     assert "3,090,648 waiting sockets at once" in reach
     assert "at least 10,000,000" in " ".join(reach.split()) and "tuning/apply.sh" in reach
+
+
+# --- comet and app ports inside the ephemeral range ---------------------------------------------
+
+
+def test_port_lists_parse_and_merge():
+    assert parse_port_list("8000-8127,9000\n") == ((8000, 8127), (9000, 9000))
+    assert parse_port_list("\n") == () and parse_port_list("80-x") is None
+    assert port_list_text([(9000, 9000), (8064, 8127), (8000, 8063), (5432, 5432)]) == \
+        "5432,8000-8127,9000"
+    assert port_list_text([(8000, 8010), (8005, 8006), (8011, 8011)]) == "8000-8011"
+
+
+def exposed_warning(report) -> str:
+    found = [w for w in report.warnings if "not reserved" in w]
+    return found[0] if found else ""
+
+
+def test_exposed_comet_and_app_ports_are_warned_about(tmp_path):
+    """The reported box: ephemeral range 1024-20000, nothing reserved, and 14k TIME-WAIT
+    sockets of another program holding port 8000 when the manager started."""
+    root = make_box(tmp_path / "a", ports=(1024, 20000), reserved="")
+    warning = exposed_warning(build_report(read_box(root), workers=4))
+    assert warning.startswith("ports 8000-8003,9000 of the manager (comet ports --base-port "
+                              "8000 + 4 workers, --app-port 9000) are inside "
+                              "net.ipv4.ip_local_port_range 1024-20000 and not reserved")
+    assert "TIME-WAIT" in warning and warning.endswith(
+        "Set net.ipv4.ip_local_reserved_ports = 8000-8003,9000 in tuning/sysctl.conf, then "
+        "tuning/apply.sh (or use ports outside the range)")
+    # What the box reserves already stays in the advice; only the exposed ports are named.
+    root = make_box(tmp_path / "b", ports=(1024, 20000), reserved="5432,8000-8001")
+    warning = exposed_warning(build_report(read_box(root), workers=4))
+    assert warning.startswith("ports 8002-8003,9000 of the manager")
+    assert "ip_local_reserved_ports = 5432,8000-8003,9000 in" in warning
+    # tuning/sysctl.conf's reservation covers the defaults; the default range misses them.
+    for box in (dict(ports=(1024, 20000), reserved="8000-8127,9000"),
+                dict(ports=(32768, 60999), reserved="")):
+        root = make_box(tmp_path / str(len(os.listdir(tmp_path))), **box)
+        assert exposed_warning(build_report(read_box(root), workers=4)) == "", box
+    # Other ports, through the command line.
+    root = make_box(tmp_path / "cli", ports=(32768, 60999), reserved="")
+    r = subprocess.run([sys.executable, str(CHECK), "--root", root, "--workers", "2",
+                        "--base-port", "40000", "--app-port", "9000"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "ports 40000-40001 of the manager" in " ".join(r.stdout.split())
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_apply_sh_adds_the_reserved_ports_to_the_boxs(tmp_path):
+    """ip_local_reserved_ports is one list for the whole box: setting ours alone would drop
+    another service's reservation."""
+    key = "net.ipv4.ip_local_reserved_ports"
+    for n, (live, said) in enumerate([
+            ("5432", f"set   {key}: 5432 -> 5432,8000-8127,9000"),
+            ("7000-9500", f"keep  {key} = 7000-9500 (already includes 8000-8127,9000)"),
+            ("", f"set   {key}: (empty) -> 8000-8127,9000"),
+            ("8000-8127,9000", f"ok    {key} = 8000-8127,9000")]):
+        etc = tmp_path / f"etc{n}"
+        (etc / "sysctl.d").mkdir(parents=True)
+        proc_sys = Path(make_box(tmp_path / f"box{n}", reserved=live)) / "proc/sys"
+        env = dict(os.environ, MEGACOMET_ETC=str(etc), MEGACOMET_PROC_SYS=str(proc_sys))
+        res = subprocess.run(["bash", str(APPLY), "--dry-run"], env=env, capture_output=True,
+                             text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        assert f"  {said}\n" in res.stdout, res.stdout

@@ -9,6 +9,7 @@
 #   1. sysctl: tuning/sysctl.conf -> /etc/sysctl.d/90-megacomet.conf, and the live values in
 #      /proc/sys, printing "old -> new" per key. Keys that are maximums (FLOOR_KEYS) are never
 #      lowered: where the box already allows more, the higher value is kept, also in the file.
+#      Port lists (UNION_KEYS) are merged: ports the box reserves already stay reserved.
 #   2. limits: tuning/limits.conf -> /etc/security/limits.d/90-megacomet.conf (new logins), after
 #      checking its nofile is within fs.nr_open (a limit above it makes pam_limits refuse logins).
 #   3. systemd, if present: tuning/megacomet.service -> /etc/systemd/system/, with this
@@ -30,6 +31,10 @@ FLOOR_KEYS=" fs.file-max fs.nr_open fs.epoll.max_user_watches net.core.somaxconn
  net.ipv4.tcp_max_syn_backlog net.core.netdev_max_backlog net.ipv4.tcp_mem net.core.rmem_max
  net.core.wmem_max vm.min_free_kbytes net.ipv4.tcp_max_tw_buckets net.ipv4.tcp_max_orphans
  net.netfilter.nf_conntrack_max "
+
+# Lists of ports, "8000-8127,9000": the value set is the box's list and ours together, so
+# another service's reservation is never dropped.
+UNION_KEYS=" net.ipv4.ip_local_reserved_ports "
 
 DRY=0
 for arg in "$@"; do
@@ -54,6 +59,19 @@ say() { printf '%s\n' "$*"; }
 # "4096\t16384  x" -> "4096 16384 x"
 normalize() { local -a f; read -r -a f <<< "$*" || true; printf '%s' "${f[*]-}"; }
 is_floor() { [[ $FLOOR_KEYS == *" $1"[[:space:]]* ]]; }
+is_union() { [[ $UNION_KEYS == *" $1 "* ]]; }
+
+# Union of two port lists in ip_local_reserved_ports' format, merged and sorted as the kernel
+# prints it ("9000,8000-8063" + "8064-8127" -> "8000-8127,9000").
+union_ports() {
+    printf '%s,%s' "$1" "$2" | tr ',' '\n' | awk -F- '
+        /^[0-9]+(-[0-9]+)?$/ { print $1, (NF > 1 ? $2 : $1) }' | sort -n -k1,1 -k2,2 | awk '
+        function put() { out = out (out == "" ? "" : ",") (lo == hi ? lo : lo "-" hi) }
+        NR == 1 { lo = $1; hi = $2; next }
+        $1 <= hi + 1 { if ($2 > hi) hi = $2; next }
+        { put(); lo = $1; hi = $2 }
+        END { if (NR) put(); printf "%s", out }'
+}
 
 # Field by field maximum of two whitespace-separated integer lists of the same length; anything
 # else (a range, a list of ports) -> the wanted value.
@@ -126,11 +144,15 @@ while IFS= read -r line || [[ -n $line ]]; do
     new=$want
     if is_floor "$key"; then
         new=$(floor_of "$old" "$want")
+    elif is_union "$key"; then
+        new=$(union_ports "$old" "$want")
     fi
     PLANNED[$key]=$new
     printf '%s%s = %s\n' "$optional" "$key" "$new" >> "$TMP/sysctl.conf"
     if [[ $old == "$new" ]]; then
-        if [[ $new != "$want" ]]; then
+        if [[ $new != "$want" ]] && is_union "$key"; then
+            say "  keep  $key = $old (already includes $want)"
+        elif [[ $new != "$want" ]]; then
             say "  keep  $key = $old (already above $want)"
         else
             say "  ok    $key = $old"

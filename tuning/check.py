@@ -143,6 +143,20 @@ def read_nofile(root: str) -> tuple[int, int] | None:
     return None
 
 
+def parse_port_list(text: str) -> tuple[tuple[int, int], ...] | None:
+    """ip_local_reserved_ports' format: "8000-8127,9000" -> ((8000, 8127), (9000, 9000));
+    empty -> (); garbage -> None."""
+    out = []
+    try:
+        for part in text.strip().split(","):
+            if part:
+                lo, _, hi = part.partition("-")
+                out.append((int(lo), int(hi or lo)))
+    except ValueError:
+        return None
+    return tuple(out)
+
+
 def _parse_cpu_list(text: str) -> int | None:
     """ "0-3,8,10-11" -> 7."""
     count = 0
@@ -177,6 +191,7 @@ class Box:
     nr_open: int | None
     nofile: tuple[int, int] | None
     port_range: tuple[int, int] | None
+    reserved_ports: tuple[tuple[int, int], ...] | None
     tcp_mem: tuple[int, ...] | None
     somaxconn: int | None
     syn_backlog: int | None
@@ -197,6 +212,8 @@ def read_box(root: str = "/") -> Box:
         nr_open=read_int(root, sys_ + "fs/nr_open"),
         nofile=read_nofile(root),
         port_range=(ports[0], ports[1]) if ports and len(ports) == 2 else None,
+        reserved_ports=parse_port_list(
+            read_text(root, sys_ + "net/ipv4/ip_local_reserved_ports") or ""),
         tcp_mem=read_ints(root, sys_ + "net/ipv4/tcp_mem"),
         somaxconn=read_int(root, sys_ + "net/core/somaxconn"),
         syn_backlog=read_int(root, sys_ + "net/ipv4/tcp_max_syn_backlog"),
@@ -256,6 +273,56 @@ def even_ports(lo: int, hi: int) -> int:
 
 def ephemeral_capacity(port_range: tuple[int, int], source_ips: int, dest_ports: int) -> int:
     return even_ports(*port_range) * source_ips * dest_ports
+
+
+def port_list_text(ranges) -> str:
+    """((9000, 9000), (8000, 8063), (8064, 8127)) -> "8000-8127,9000": merged and sorted, in
+    ip_local_reserved_ports' format."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return ",".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in merged)
+
+
+def exposed_ports(box: Box, ports) -> list[int]:
+    """The ports among `ports` that connect() may pick as a local port: inside
+    ip_local_port_range and not in ip_local_reserved_ports. Any program's outgoing connection,
+    or its TIME-WAIT for 60 s after it closed, then holds the port, and a listener cannot bind
+    it (EADDRINUSE, with nothing listening there)."""
+    if box.port_range is None:
+        return []
+    lo, hi = box.port_range
+    reserved = box.reserved_ports or ()
+    return sorted(p for p in set(ports)
+                  if lo <= p <= hi and not any(a <= p <= b for a, b in reserved))
+
+
+def reserve_advice(box: Box, ports) -> str:
+    """What to do about exposed_ports: the whole value to set, the box's reservations kept."""
+    wanted = [(p, p) for p in ports] + list(box.reserved_ports or ())
+    return (f"net.ipv4.ip_local_reserved_ports = {port_list_text(wanted)} in "
+            "tuning/sysctl.conf, then tuning/apply.sh (or use ports outside the range)")
+
+
+def port_clash_hint(port: int, ports=(), root: str = "/") -> str:
+    """For the manager's EADDRINUSE on `port`: why it can happen with nothing listening there,
+    or "" when the port is outside the ephemeral range (or reserved). The advice reserves
+    `ports` (all of the manager's) with it. Never raises."""
+    try:
+        box = read_box(root)
+        if not exposed_ports(box, [port]):
+            return ""
+        lo, hi = box.port_range
+        return (f"port {port} is inside net.ipv4.ip_local_port_range {lo}-{hi}, where the "
+                "kernel picks the local ports of outgoing connections: another program's "
+                "connection, even one closed less than 60 s ago (TIME-WAIT), holds it with "
+                f"nothing listening (`ss -tan 'sport = :{port}'` lists them); reserve the "
+                "comet and app ports: " + reserve_advice(box, exposed_ports(box, [port, *ports])))
+    except Exception:  # an error message must never raise itself
+        return ""
 
 
 def memory_capacity(mem_total: int, sides: int) -> int:
@@ -467,8 +534,18 @@ def _reach_line(reach: dict | None, target: int | None) -> str:
     return line
 
 
-def _warnings(box: Box) -> list[str]:
+def _warnings(box: Box, base_port: int, workers: int, app_port: int) -> list[str]:
     out = []
+    exposed = exposed_ports(box, [*range(base_port, base_port + workers), app_port])
+    if exposed:
+        lo, hi = box.port_range
+        out.append(f"ports {port_list_text((p, p) for p in exposed)} of the manager (comet "
+                   f"ports --base-port {base_port} + {_plural(workers, 'worker')}, --app-port "
+                   f"{app_port}) are inside net.ipv4.ip_local_port_range {lo}-{hi} and not "
+                   "reserved: any program's outgoing connection, or its TIME-WAIT for 60 s "
+                   "after it closed, can hold one, and the manager then cannot listen there at "
+                   "start (EADDRINUSE with nothing listening). Set "
+                   + reserve_advice(box, exposed))
     if box.nofile and box.nofile[0] < box.nofile[1]:
         out.append(f"soft open-file limit {box.nofile[0]:,} is below the hard {box.nofile[1]:,}: "
                    "the counts assume each process raises its soft limit to the hard one at "
@@ -486,7 +563,8 @@ def _warnings(box: Box) -> list[str]:
 
 def build_report(box: Box, workers: int | None = None, client_processes: int | None = None,
                  source_ips: int = 1, dest_ports: int | None = None,
-                 target: int | None = None) -> Report:
+                 target: int | None = None, base_port: int = 8000,
+                 app_port: int = 9000) -> Report:
     """The whole analysis, from a Box (read_box) and the planned process layout."""
     cpus = box.cpus or 1
     workers = workers or cpus
@@ -501,7 +579,7 @@ def build_report(box: Box, workers: int | None = None, client_processes: int | N
         "if run by one user, the epoll watches; each connection counts twice in those",
     ]
     report = Report(box.root, box.cpus, workers, client_processes, source_ips, dest_ports,
-                    rows, first, _warnings(box), notes)
+                    rows, first, _warnings(box, base_port, workers, app_port), notes)
     report.broadcast_reach = broadcast_reach(box)
     if target is not None:
         report.target = target
@@ -541,6 +619,7 @@ def _wrap(text: str, indent: str, hang: int = 2) -> list[str]:
 
 def format_report(report: Report) -> str:
     cpus = report.cpus if report.cpus is not None else "unknown"
+    vw = max(24, *(len(r.value) + 1 for r in report.rows))  # a long value keeps the columns
     lines = [
         f"MegaComet capacity (root {report.root}): {cpus} CPUs, "
         f"{_plural(report.workers, 'worker')}, "
@@ -548,10 +627,10 @@ def format_report(report: Report) -> str:
         f"{_plural(report.source_ips, 'source address')}, "
         f"{_plural(report.dest_ports, 'destination port')}",
         "",
-        f"{'limit':<29} {'value':<24} {'server':>11} {'client':>11} {'loopback':>11}",
+        f"{'limit':<29} {'value':<{vw}} {'server':>11} {'client':>11} {'loopback':>11}",
     ]
     for r in report.rows:
-        lines.append(f"{r.name:<29} {r.value:<24} {_cell(r, 'server'):>11} "
+        lines.append(f"{r.name:<29} {r.value:<{vw}} {_cell(r, 'server'):>11} "
                      f"{_cell(r, 'client'):>11} {_cell(r, 'loopback'):>11}")
     lines += ["", "first cap:"]
     for side in SIDES:
@@ -608,9 +687,23 @@ def manager_capacity_line(workers: int, nofile: int, root: str = "/") -> str:
 
 
 def _positive(text: str) -> int:
-    n = int(text)
+    # Standalone (run as a script, options.py is not on its path); same wording as options.py.
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+        raise argparse.ArgumentTypeError(f"expected a whole number 1 or more, got {text!r}")
+    return n
+
+
+def _port(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
     return n
 
 
@@ -628,6 +721,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="client source addresses (default 1)")
     p.add_argument("--dest-ports", type=_positive,
                    help="server ports the client spreads over (default: workers)")
+    p.add_argument("--base-port", type=_port, default=8000,
+                   help="the manager's --base-port, for the reserved-ports check (8000)")
+    p.add_argument("--app-port", type=_port, default=9000,
+                   help="the manager's --app-port, for the reserved-ports check (9000)")
     p.add_argument("--target", type=_positive,
                    help="exit 1 if the server side cannot hold this many connections")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -640,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         box.nofile = (args.nofile, args.nofile)
     report = build_report(box, workers=args.workers, client_processes=args.client_procs,
                           source_ips=args.source_ips, dest_ports=args.dest_ports,
-                          target=args.target)
+                          target=args.target, base_port=args.base_port,
+                          app_port=args.app_port)
     print(report_json(report) if args.json else format_report(report))
     return 1 if report.target_ok is False else 0
 
