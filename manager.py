@@ -359,7 +359,9 @@ class Supervisor:
                 str(o.header_timeout), "--write-timeout", str(o.write_timeout),
                 "--worker-timeout", str(o.worker_timeout), "--cors-origin", o.cors_origin,
                 "--max-waiters", str(o.max_waiters), "--sse-heartbeat", str(o.sse_heartbeat),
-                "--sse-buffer", str(o.sse_buffer)]
+                "--sse-buffer", str(o.sse_buffer), "--public-scheme", o.public_scheme,
+                "--public-base-port", str(o.public_base_port or o.base_port),
+                "--trusted-proxy", ",".join(map(str, o.trusted_proxy))]
 
     def spawn(self, slot: Slot) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1095,9 +1097,20 @@ def parse_args(argv=None):
     p.add_argument("--cors-origin", default="*", help="Access-Control-Allow-Origin value")
     p.add_argument("--app-token", default=None,
                    help="require this token on the app port (HTTP Bearer, JSON auth line)")
+    p.add_argument("--public-scheme", choices=("http", "https"), default="http",
+                   help="scheme of a 307's Location: https behind a TLS proxy (default http)")
+    p.add_argument("--public-base-port", type=options.port, default=None,
+                   help="a 307 points at this + the owner's n: the proxy's port of worker 0 "
+                        "(default: --base-port)")
+    p.add_argument("--trusted-proxy", type=options.networks, default=(),
+                   metavar="ADDR[,ADDR...]",
+                   help="peers (addresses or networks) whose X-Forwarded-Proto and "
+                        "X-Forwarded-Port set a 307's scheme and port (default: none)")
     opts = p.parse_args(argv)
     if opts.base_port + opts.workers - 1 > 65535:
         p.error("--base-port + --workers runs past port 65535")
+    if opts.public_base_port and opts.public_base_port + opts.workers - 1 > 65535:
+        p.error("--public-base-port + --workers runs past port 65535")
     return opts
 
 

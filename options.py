@@ -6,6 +6,7 @@ timeout compares false with everything, so a deadline built from it never fires.
 """
 
 import argparse
+import ipaddress
 import math
 
 
@@ -43,3 +44,19 @@ def port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"not a port (1-65535): {text}")
     return value
+
+
+def networks(text: str) -> tuple:
+    """`ADDR[,ADDR...]`, each an IP address or a network (`127.0.0.0/8`, `::1`): the peers
+    whose X-Forwarded-* headers are believed (--trusted-proxy). Empty text: none."""
+    nets = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(part))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(
+                f"not an IP address or network: {part!r} ({e})") from None
+    return tuple(nets)
