@@ -9,6 +9,9 @@ an untrusted peer never changes anything.
 haproxy and openssl are real programs; missing, the test fails with the command that installs
 them (.ci/run installs haproxy)."""
 
+import grp
+import os
+import pwd
 import shutil
 import socket
 import ssl
@@ -174,7 +177,8 @@ def quiet(s: ssl.SSLSocket, for_s: float = 0.3) -> bool:
     (2, []),
     (2, ["--bind", "::", "--backend-host", "::1", "--maxconn", "5000"]),
     (3, ["--source-ips", "3", "--poll-timeout", "55", "--sse-heartbeat", "20"]),
-    (2, ["--maxconn", "1000000"]),
+    (2, ["--maxconn", "1000000", "--user", f"{pwd.getpwuid(os.getuid()).pw_name}:"
+                                           f"{grp.getgrgid(os.getgid()).gr_name}"]),
 ])
 def test_generated_config_passes_haproxy_check(tmp_path, cert, workers, extra):
     out = tmp_path / "h.cfg"
@@ -231,6 +235,7 @@ def test_source_addresses_sized_to_the_target(cert):
      "loopback"),
     (["--workers", "2", "--cert", "c.pem", "--poll-timeout", "nan"], "finite"),
     (["--workers", "2"], "--cert"),
+    (["--workers", "2", "--cert", "c.pem", "--user", "a b"], "--user"),
 ])
 def test_bad_options_are_refused_with_a_reason(args, error):
     done = generate(*args)
@@ -253,7 +258,15 @@ def test_long_poll_through_tls_waits_then_gets_the_message(proxied, cert):
         assert quiet(s), "answered before anything was published"
         mid = publish(m, id_, b"over tls")
         status, headers, body = read_response(s)
-    assert (status, body, headers["x-message-id"]) == (200, b"over tls", mid)
+        assert (status, body, headers["x-message-id"]) == (200, b"over tls", mid)
+        # The worker closed its side, but HAProxy keeps the client's TLS connection: the next
+        # poll goes on it, without a new handshake.
+        get(s, f"/{id_}.js", port)
+        wait_waiting(m, 1)
+        assert quiet(s), "answered before anything was published"
+        mid = publish(m, id_, b"again")
+        status, headers, body = read_response(s)
+        assert (status, body, headers["x-message-id"]) == (200, b"again", mid)
 
 
 def test_redirect_stays_on_https_and_the_proxy_ports(proxied, cert):

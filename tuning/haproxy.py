@@ -126,6 +126,7 @@ def render(args, command: str) -> str:
         f"    # ~{fds_needed(args.maxconn, args.workers, args.source_ips):,} fds: HAProxy raises "
         "its own limit to that at start; fs.nr_open must allow it",
         "    log stderr format raw daemon notice",
+        *([f"    user {args.user}", f"    group {args.group}"] if args.user else []),
         "    ssl-default-bind-options ssl-min-ver TLSv1.2",
         f"    hard-stop-after {HARD_STOP_AFTER}s",
         "",
@@ -234,6 +235,9 @@ def parse_args(argv=None):
                    help="the manager's --poll-timeout (default 0: off)")
     p.add_argument("--sse-heartbeat", type=_seconds, default=30.0,
                    help="the manager's --sse-heartbeat (default 30)")
+    p.add_argument("--user", default=None, metavar="USER[:GROUP]",
+                   help="HAProxy runs as this user (and group, default the same name) once "
+                        "its ports and certificate are open (default: as started)")
     p.add_argument("-o", "--output", default="-", help="write here instead of stdout")
     args = p.parse_args(argv)
     if args.base_port + args.workers - 1 > 65535:
@@ -256,6 +260,11 @@ def parse_args(argv=None):
             ipaddress.ip_address(args.bind)
         except ValueError:
             p.error(f"--bind must be an IP address, got {args.bind!r}")
+    args.user, _, args.group = (args.user or "").partition(":")
+    args.group = args.group or args.user
+    if any(not name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+           for name in (args.user, args.group) if args.user):
+        p.error("--user must be USER or USER:GROUP, names of letters, digits, - _ .")
     box = read_box()
     if args.source_ips is None:
         args.source_ips = source_ips_needed(args.maxconn, args.workers, box.port_range)
