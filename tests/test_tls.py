@@ -225,6 +225,21 @@ def test_source_addresses_sized_to_the_target(cert):
     assert "--trusted-proxy 127.0.0.0/8" in done.stdout  # every source address trusted
 
 
+def test_warnings_name_the_limit_and_the_fix():
+    import dataclasses
+
+    import tuning.haproxy as hp
+    args = hp.parse_args(["--workers", "2", "--cert", "c.pem", "--source-ips", "1"])
+    args.box = dataclasses.replace(args.box, nr_open=1_048_576, port_range=(32768, 60999))
+    lines = hp.box_warnings(args)
+    assert any("above fs.nr_open 1,048,576" in line and "tuning/sysctl.conf" in line
+               for line in lines), lines
+    assert any("14,116 ports" in line and "raise --source-ips" in line for line in lines), lines
+    args.maxconn = 20_000
+    args.box = dataclasses.replace(args.box, nr_open=2_097_152)
+    assert hp.box_warnings(args) == []
+
+
 @pytest.mark.parametrize("args, error", [
     (["--workers", "2", "--cert", "c.pem", "--public-base-port", "8001"], "overlap"),
     (["--workers", "2", "--cert", "c.pem", "--public-base-port", "65535"], "past port 65535"),
