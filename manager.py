@@ -406,7 +406,9 @@ class Supervisor:
                 str(o.header_timeout), "--write-timeout", str(o.write_timeout),
                 "--worker-timeout", str(o.worker_timeout), "--cors-origin", o.cors_origin,
                 "--max-waiters", str(o.max_waiters), "--sse-heartbeat", str(o.sse_heartbeat),
-                "--sse-buffer", str(o.sse_buffer)]
+                "--sse-buffer", str(o.sse_buffer), "--public-scheme", o.public_scheme,
+                "--public-base-port", str(o.public_base_port or o.base_port),
+                "--trusted-proxy", ",".join(map(str, o.trusted_proxy))]
 
     def spawn(self, slot: Slot) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1231,6 +1233,15 @@ def parse_args(argv=None):
                    help="Access-Control-Allow-Origin value")
     p.add_argument("--app-token", type=options.token, default=None,
                    help="require this token on the app port (HTTP Bearer, JSON auth line)")
+    p.add_argument("--public-scheme", choices=("http", "https"), default="http",
+                   help="scheme of a 307's Location: https behind a TLS proxy (default http)")
+    p.add_argument("--public-base-port", type=options.port, default=None,
+                   help="a 307 points at this + the owner's n: the proxy's port of worker 0 "
+                        "(default: --base-port)")
+    p.add_argument("--trusted-proxy", type=options.networks, default=(),
+                   metavar="ADDR[,ADDR...]",
+                   help="peers (addresses or networks) whose X-Forwarded-Proto and "
+                        "X-Forwarded-Port set a 307's scheme and port (default: none)")
     opts = p.parse_args(argv)
     last = opts.base_port + opts.workers - 1
     if last > 65535:
@@ -1241,6 +1252,10 @@ def parse_args(argv=None):
                 f"(--base-port {opts.base_port} + --workers {opts.workers}, worker "
                 f"{opts.app_port - opts.base_port} listens there): pick an app port outside "
                 "them")
+    if opts.public_base_port and opts.public_base_port + opts.workers - 1 > 65535:
+        p.error(f"--public-base-port {opts.public_base_port} + --workers {opts.workers} runs "
+                f"past port 65535 (the last worker's public port would be "
+                f"{opts.public_base_port + opts.workers - 1})")
     return opts
 
 

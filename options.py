@@ -8,6 +8,7 @@ everything, so a deadline built from it never fires.
 """
 
 import argparse
+import ipaddress
 import math
 
 
@@ -68,3 +69,20 @@ def header_value(text: str) -> str:
             f"expected an HTTP header value of visible ASCII characters (such as * or "
             f"https://example.com), got {text!r}")
     return text
+
+
+def networks(text: str) -> tuple:
+    """`ADDR[,ADDR...]`, each an IP address or a network (`127.0.0.0/8`, `::1`): the peers
+    whose X-Forwarded-* headers are believed (--trusted-proxy). Empty text: none."""
+    nets = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(part))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(
+                f"expected IP addresses or networks separated by commas (such as 127.0.0.1 "
+                f"or 127.0.0.0/8), got {part!r} ({e})") from None
+    return tuple(nets)

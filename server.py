@@ -61,6 +61,7 @@ import argparse
 import bisect
 import errno
 import fcntl
+import ipaddress
 import json
 import mmap
 import os
@@ -604,10 +605,29 @@ class Backlog:
         self.marks.append((self.base + len(self.out), msg))
 
 
-def location(req: Request, port: int, fd: int) -> bytes:
-    """The same URL on another port, on the host the client asked for (without a Host
-    header: the address it connected to)."""
-    host = req.headers.get(b"host")  # checked by the parser (HOST_RE)
+class Public(NamedTuple):
+    """Where clients reach the workers, for a 307's Location: one per worker, nothing per
+    connection. Highest precedence first: X-Forwarded-Proto / X-Forwarded-Port sent by a peer
+    in `trusted` (the TLS proxy in front, which knows what the client used), then
+    --public-scheme / --public-base-port (a static setting), then http and --base-port.
+    A header from any other peer changes nothing: otherwise any client could make a 307 point
+    where it likes (an open redirect, and a poisoned cache if one sits in between)."""
+    scheme: bytes  # b"http" or b"https" (--public-scheme)
+    base: int  # the public port of worker 0 (--public-base-port, default --base-port)
+    trusted: tuple  # ipaddress networks (--trusted-proxy); empty: no header is believed
+    worker: int  # this worker's n: a forwarded port is this worker's public port, base + n
+
+
+def location(req: Request, home: int, fd: int, public: Public) -> bytes:
+    """The same URL, query kept (a signature in it survives), on worker `home`'s public port,
+    on the host the client asked for (without a Host header: the address it connected to).
+    The Host header's port is never used: a client can write any port there."""
+    headers = req.headers
+    scheme, port = public.scheme, public.base + home
+    if public.trusted and (b"x-forwarded-proto" in headers or b"x-forwarded-port" in headers) \
+            and trusted_peer(fd, public.trusted):
+        scheme, port = forwarded(headers, scheme, port, public.worker, home)
+    host = headers.get(b"host")  # checked by the parser (HOST_RE)
     if host:
         host = host[: host.index(b"]") + 1] if host.startswith(b"[") else host.split(b":")[0]
     else:
@@ -618,7 +638,46 @@ def location(req: Request, port: int, fd: int) -> bytes:
             sock.detach()
         host = (b"[%s]" if ":" in addr else b"%s") % addr.encode()
     target = req.path + (b"?" + req.query if req.query else b"")
-    return b"http://%s:%d%s" % (host, port, target)
+    return b"%s://%s:%d%s" % (scheme, host, port, target)
+
+
+def forwarded(headers: dict, scheme: bytes, port: int, worker: int, home: int):
+    """(scheme, port) for worker `home` from a trusted proxy's X-Forwarded-Proto and
+    X-Forwarded-Port, each used only when well formed (else the static value stays). The
+    proxy's public ports are taken to be consecutive in worker order, as the workers' are
+    (tuning/haproxy.py makes them so): the forwarded port is this worker's, so the owner's is
+    that - worker + home. Of a list (repeated headers are joined with ", "), the last value
+    counts: the one the nearest proxy, the trusted one, added."""
+    proto = headers.get(b"x-forwarded-proto")
+    if proto is not None:
+        proto = proto.rpartition(b",")[2].strip().lower()
+        if proto == b"https" or proto == b"http":
+            scheme = proto
+    value = headers.get(b"x-forwarded-port")
+    if value is not None:
+        value = value.rpartition(b",")[2].strip()
+        if value.isdigit() and len(value) <= 5 and 1 <= int(value) <= 65535:
+            home_port = int(value) - worker + home
+            if 1 <= home_port <= 65535:
+                port = home_port
+    return scheme, port
+
+
+def trusted_peer(fd: int, trusted: tuple) -> bool:
+    """Whether the peer of fd is in one of the `trusted` networks. Asked of the kernel at 307
+    time only (once per redirected request), so no connection keeps its address."""
+    sock = socket.socket(fileno=fd)
+    try:
+        peer = sock.getpeername()[0]
+    finally:
+        sock.detach()
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d
+    return any(addr in net for net in trusted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,6 +704,8 @@ class Worker:
         self.sse_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                          b"Cache-Control: no-store\r\n%sX-Accel-Buffering: no\r\n"
                          b"Connection: close\r\n\r\n%s" % (cors, SSE_RETRY))
+        self.public = Public(opts.public_scheme.encode(), opts.public_base_port or
+                             self.base_port, opts.trusted_proxy, self.n)
         self.info = json.dumps({"worker": self.n, "workers": self.workers,
                                 "base_port": self.base_port}).encode()
 
@@ -1032,7 +1093,7 @@ class Worker:
         home = x31(id_) % self.workers
         if home != self.n:
             try:
-                url = location(req, self.base_port + home, fd)
+                url = location(req, home, fd, self.public)
             except HTTPError as err:
                 self.refuse(fd, err)
                 return
@@ -1579,6 +1640,9 @@ def parse_args(argv=None):
     p.add_argument("--write-timeout", type=options.positive_float, default=30.0)
     p.add_argument("--worker-timeout", type=options.positive_float, default=10.0)
     p.add_argument("--cors-origin", type=options.header_value, default="*")
+    p.add_argument("--public-scheme", choices=("http", "https"), default="http")
+    p.add_argument("--public-base-port", type=options.port, default=None)
+    p.add_argument("--trusted-proxy", type=options.networks, default=())
     p.add_argument("--listen-fd", type=options.non_negative_int, default=LISTEN_FD)
     p.add_argument("--link-fd", type=options.non_negative_int, default=LINK_FD)
     p.add_argument("--page-fd", type=options.non_negative_int, default=PAGE_FD)
