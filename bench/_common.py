@@ -29,12 +29,25 @@ SERVER_CPUS = {_MASK[0]}
 LOAD_CPUS = set(_MASK[1:]) or SERVER_CPUS
 
 
+def ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_block(n: int) -> int:
-    """A base port with n consecutive free ports after it, drawn below the ephemeral range
-    (32768+) so that the load's own outgoing connections cannot take it."""
+    """A base port with n consecutive free ports after it. Drawn below the box's ephemeral
+    range (32768+ by default, 10240+ after tuning/apply.sh), so that no outgoing connection
+    of this box (the load's own) can take it between check and use."""
     rng = random.Random()
+    low = ephemeral_low()
+    lo, hi = (10000, min(32000, low)) if low >= 12000 else (1100, low)
+    if hi - n <= lo + 100:  # an odd range: the old draw, and the retries below
+        lo, hi = 10000, 32000
     for _ in range(500):
-        base = rng.randrange(10000, 32000 - n)
+        base = rng.randrange(lo, hi - n)
         socks = []
         try:
             for i in range(n):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import resource
 import signal
 import socket
@@ -18,26 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def free_port_block(n: int) -> int:
-    """A base port with n consecutive free ports after it. Drawn below the ephemeral range
-    (32768+), so no outgoing connection of this box can take it between check and use."""
-    rng = random.Random()
-    for _ in range(500):
-        base = rng.randrange(10000, 32000 - n)
-        socks = []
-        try:
-            for i in range(n):
-                t = socket.socket()
-                t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                socks.append(t)
-                t.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no free port block")
+from bench._common import free_port_block  # noqa: E402  (one copy, for tests and benches)
 
 
 class PortTaken(RuntimeError):
