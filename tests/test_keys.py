@@ -460,8 +460,18 @@ def test_sighup_with_a_bad_file_keeps_the_keys(keyed):
             s = start_poll(m.port_for(i), i, signed(i, K2))
             assert still_waiting(s, 0.2), "the keys read before were dropped"
             s.close()
+    # A SIGHUP straight to the workers (a hangup of the whole group, `systemctl kill`): each
+    # reads the bad file itself, and keeps its keys too.
+    pids = worker_pids(m)
+    for pid in pids:
+        os.kill(pid, signal.SIGHUP)
+    time.sleep(1.2)
+    for i in ids:
+        s = start_poll(m.port_for(i), i, signed(i, K2))
+        assert still_waiting(s, 0.2), "a worker dropped its keys"
+        s.close()
     assert all(still_waiting(s, 0.05) for s in waiting)
-    assert m.proc.poll() is None
+    assert m.proc.poll() is None and worker_pids(m) == pids
     write_keys(m.key_file, K3)  # fixed: the next SIGHUP takes it
     hup_and_wait(m, ids, lambda i: signed(i, K1), lambda i: signed(i, K3))
     assert m.stop() == 0
@@ -469,6 +479,28 @@ def test_sighup_with_a_bad_file_keeps_the_keys(keyed):
     assert "SIGHUP: subscriber key file" in out and "holds no key" in out
     assert "SIGHUP: cannot read subscriber key file" in out
     assert out.count("the workers keep the keys they have") == 2
+    for n in range(2):
+        assert f"worker {n}: cannot read subscriber key file {m.key_file}: No such file or " \
+            "directory; keeping the 2 keys read before" in out
+
+
+def test_a_worker_that_cannot_read_the_file_at_start_refuses_503_until_a_good_one(keyed):
+    m = keyed
+    id_ = id_for(0, "broken")
+    port = m.port_for(id_)
+    m.key_file.write_bytes(b"# emptied by mistake\n")
+    old = worker_pids(m)[0]
+    os.kill(old, signal.SIGKILL)  # its successor reads the broken file
+    wait_until(lambda: worker_pids(m)[0] not in (None, old), 5.0, 0.05, "worker 0 restarted")
+    status = wait_until(lambda: status_now(port, id_, signed(id_, K1)), 5.0, 0.05,
+                        "worker 0 answering")
+    assert status == 503  # fails closed: never serves an unchecked poll
+    assert poll_now(port, id_, "")[0] == 401  # (the 401 still comes first)
+    write_keys(m.key_file, K1)
+    hup_and_wait(m, [id_], lambda i: signed(i, K2), lambda i: signed(i, K1))
+    assert m.stop() == 0
+    assert "worker 0: subscriber key file" in m.output and "refusing every poll and stream " \
+        "(503) until a SIGHUP finds a good file" in m.output
 
 
 def test_a_restarted_worker_reads_the_keys(keyed):
