@@ -17,6 +17,8 @@ import time
 
 import pytest
 from conftest import ROOT, free_port_block
+from hypothesis import given
+from hypothesis import strategies as st
 from test_client import run_client
 from test_comet import (
     answer,
@@ -34,7 +36,7 @@ from test_manager import alive, worker_pids
 from test_resume import Stream, event, publish
 
 import server
-from server import KeyFileError, read_keys, signature_error
+from server import KeyFileError, hmac_sha256, key_pads, read_keys, signature_error
 
 K1 = b"first-key-0123456789abcdef0123456789"
 K2 = b"second-key-0123456789abcdef012345678"
@@ -111,6 +113,25 @@ def hup_and_wait(m, id_by_worker: list, refused_query, served_query) -> None:
 NOW = 1_750_000_000.0
 
 
+def check(keys: list, id_: bytes, query: bytes, now: float):
+    """signature_error with keys as bytes (the worker holds them as key_pads)."""
+    return signature_error([key_pads(k) for k in keys], id_, query, now)
+
+
+@given(st.binary(max_size=300), st.binary(max_size=300))
+def test_hmac_from_the_pads_is_hmac(key, message):
+    assert hmac_sha256(key_pads(key), message) == hmac.digest(key, message, "sha256")
+
+
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 65, 128, 1000])
+def test_hmac_from_the_pads_around_the_block_size(size):
+    # Keys shorter than, as long as and longer than SHA-256's 64-byte block (hashed first).
+    key = bytes(range(256)) * 4
+    for message in (b"", b"alice:1750000060", bytes(200)):
+        assert hmac_sha256(key_pads(key[:size]), message) == \
+            hmac.digest(key[:size], message, "sha256")
+
+
 def q(id_: str, key: bytes = K1, exp=None, sig=None) -> bytes:
     exp = int(NOW) + 60 if exp is None else exp
     sig = sig_of(key, id_, exp) if sig is None else sig
@@ -118,10 +139,10 @@ def q(id_: str, key: bytes = K1, exp=None, sig=None) -> bytes:
 
 
 def test_a_good_signature_passes_with_one_key_or_either_of_two():
-    assert signature_error([K1], b"alice", q("alice"), NOW) is None
-    assert signature_error([K1, K2], b"alice", q("alice", K1), NOW) is None
-    assert signature_error([K1, K2], b"alice", q("alice", K2), NOW) is None
-    assert signature_error([K2], b"alice", q("alice", K1), NOW).status == 403
+    assert check([K1], b"alice", q("alice"), NOW) is None
+    assert check([K1, K2], b"alice", q("alice", K1), NOW) is None
+    assert check([K1, K2], b"alice", q("alice", K2), NOW) is None
+    assert check([K2], b"alice", q("alice", K1), NOW).status == 403
 
 
 def test_sign_is_the_spec_formula():
@@ -132,7 +153,7 @@ def test_sign_is_the_spec_formula():
                                    b"exp=&sig=" + b"0" * 32, b"exp=1750000060&sig=",
                                    b"expiry=1750000060&signature=" + b"0" * 32, b"_=1"])
 def test_no_exp_or_no_sig_is_401(query):
-    err = signature_error([K1], b"alice", query, NOW)
+    err = check([K1], b"alice", query, NOW)
     assert (err.status, err.reason + "\n") == (401, UNSIGNED.decode())
 
 
@@ -140,62 +161,62 @@ def test_no_exp_or_no_sig_is_401(query):
                                  "1750000060 ", "١٧٥٠٠٠٠٠٦٠"])
 def test_an_exp_that_is_not_a_decimal_integer_is_403(exp):
     # Signed over that very exp text, so only the exp's form can be the reason.
-    err = signature_error([K1], b"alice", f"exp={exp}&sig={sig_of(K1, 'alice', exp)}".encode(),
+    err = check([K1], b"alice", f"exp={exp}&sig={sig_of(K1, 'alice', exp)}".encode(),
                           NOW)
     assert err.status == 403 and "decimal integer" in err.reason
 
 
 def test_an_exp_in_the_past_is_403_and_now_itself_is_still_good():
     exp = int(NOW)
-    assert signature_error([K1], b"alice", q("alice", exp=exp), NOW) is None
-    err = signature_error([K1], b"alice", q("alice", exp=exp), NOW + 1)
+    assert check([K1], b"alice", q("alice", exp=exp), NOW) is None
+    err = check([K1], b"alice", q("alice", exp=exp), NOW + 1)
     assert err.status == 403 and "expired" in err.reason
-    assert signature_error([K1], b"alice", q("alice", exp=0), NOW).status == 403
+    assert check([K1], b"alice", q("alice", exp=0), NOW).status == 403
 
 
 def test_exp_is_signed_as_written_leading_zeros_and_all():
     exp = "0" + str(int(NOW) + 60)
-    assert signature_error([K1], b"alice", q("alice", exp=exp), NOW) is None
+    assert check([K1], b"alice", q("alice", exp=exp), NOW) is None
     # The digits of a valid exp, signed without the zero: not the text sent.
     wrong = f"exp={exp}&sig={sig_of(K1, 'alice', int(exp))}".encode()
-    assert signature_error([K1], b"alice", wrong, NOW).status == 403
+    assert check([K1], b"alice", wrong, NOW).status == 403
 
 
 def test_a_far_exp_is_accepted_without_converting_thousands_of_digits():
     for exp in ("9" * 30, "9" * 5000, "0" * 5000 + str(int(NOW) + 60)):  # int() limit: 4300
-        assert signature_error([K1], b"alice", q("alice", exp=exp), NOW) is None
-    assert signature_error([K1], b"alice", q("alice", exp="0" * 5000 + "1"), NOW).status == 403
+        assert check([K1], b"alice", q("alice", exp=exp), NOW) is None
+    assert check([K1], b"alice", q("alice", exp="0" * 5000 + "1"), NOW).status == 403
 
 
 def test_either_case_of_hex_and_only_32_digits():
     good = sig_of(K1, "alice", int(NOW) + 60)
     for sig in (good.upper(), good[:16] + good[16:].upper()):
-        assert signature_error([K1], b"alice", q("alice", sig=sig), NOW) is None
+        assert check([K1], b"alice", q("alice", sig=sig), NOW) is None
     full = hmac.new(K1, f"alice:{int(NOW) + 60}".encode(), hashlib.sha256).hexdigest()
     for sig in (full, good[:31], good + "0", "g" + good[1:], good[:-1] + " "):
-        err = signature_error([K1], b"alice", q("alice", sig=sig), NOW)
+        err = check([K1], b"alice", q("alice", sig=sig), NOW)
         assert err is not None and err.status == 403, sig
 
 
 def test_a_signature_for_another_id_or_exp_is_403():
     exp = int(NOW) + 60
     other = f"exp={exp}&sig={sig_of(K1, 'bob', exp)}".encode()
-    err = signature_error([K1], b"alice", other, NOW)
+    err = check([K1], b"alice", other, NOW)
     assert (err.status, err.reason) == (403, "wrong signature for this id and exp")
     moved = f"exp={exp + 1}&sig={sig_of(K1, 'alice', exp)}".encode()
-    assert signature_error([K1], b"alice", moved, NOW).status == 403
+    assert check([K1], b"alice", moved, NOW).status == 403
 
 
 def test_other_parameters_are_ignored_and_a_repeated_one_takes_the_last():
     exp = int(NOW) + 60
     good = sig_of(K1, "alice", exp)
     query = f"callback=f&exp=1&since=1-0&exp={exp}&sig={'0' * 32}&_=9&sig={good}".encode()
-    assert signature_error([K1], b"alice", query, NOW) is None
+    assert check([K1], b"alice", query, NOW) is None
 
 
 def test_no_keys_read_is_503_after_the_401():
-    assert signature_error([], b"alice", q("alice"), NOW).status == 503
-    assert signature_error([], b"alice", b"", NOW).status == 401
+    assert check([], b"alice", q("alice"), NOW).status == 503
+    assert check([], b"alice", b"", NOW).status == 401
 
 
 def test_every_key_is_compared_without_an_early_exit(monkeypatch):
@@ -209,10 +230,10 @@ def test_every_key_is_compared_without_an_early_exit(monkeypatch):
     keys = [K1, K2, K3]
     for key in keys:
         calls.clear()
-        assert signature_error(keys, b"alice", q("alice", key), NOW) is None
+        assert check(keys, b"alice", q("alice", key), NOW) is None
         assert len(calls) == len(keys), key  # the matching key's place does not show
     calls.clear()
-    assert signature_error(keys, b"alice", q("alice", b"not-a-key-of-ours"), NOW).status == 403
+    assert check(keys, b"alice", q("alice", b"not-a-key-of-ours"), NOW).status == 403
     assert len(calls) == len(keys)
 
 
