@@ -145,6 +145,17 @@ def test_a_good_signature_passes_with_one_key_or_either_of_two():
     assert check([K2], b"alice", q("alice", K1), NOW).status == 403
 
 
+def test_the_readme_python_lines_sign_a_url_the_worker_takes():
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("## Subscriber keys", 1)[1].split("```python\n", 1)[1].split("```")[0]
+    assert len(code.strip().splitlines()) == 3, code
+    names = {"key": K2, "id": "alice", "port": 8001}
+    exec(code, names)
+    path, _, query = names["url"].partition("?")
+    assert path == "http://comet.example.com:8001/alice.js"
+    assert check([K1, K2], b"alice", query.encode(), time.time()) is None
+
+
 def test_sign_is_the_spec_formula():
     assert server.sign(K1, b"alice", 1750000060).decode() == sig_of(K1, "alice", 1750000060)
 
@@ -583,3 +594,8 @@ def test_client_refuses_a_bad_key_file(tmp_path):
     assert p.returncode == 2
     assert p.stderr.startswith("client.py: cannot read subscriber key file") and \
         str(tmp_path / "none") in p.stderr
+
+
+def test_systemctl_reload_sends_the_manager_sighup():
+    unit = (ROOT / "tuning/megacomet.service").read_text()
+    assert "\nExecReload=/bin/kill -HUP $MAINPID\n" in unit
