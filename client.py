@@ -98,7 +98,7 @@ from dataclasses import dataclass, field, fields
 from itertools import zip_longest
 
 from options import non_negative, non_negative_int, port, positive_float, positive_int
-from server import owner, valid_id
+from server import KeyFileError, owner, read_keys, sign, valid_id
 from tuning.check import raise_nofile
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +140,7 @@ DEFAULT_HOLD_S = 60.0       # hold the connections this long after the ramp (0 w
 DEFAULT_MAX_TIME_S = 3600.0     # hard cap on a run, whatever else happens
 DEFAULT_GRACE_S = 5.0       # after the last send, wait this long for deliveries before "lost"
 DEFAULT_SEND_RATE = 1000.0  # messages a second; 0 = all at once (latency then includes queueing)
+SIGN_TTL_S = 3600           # --subscriber-key-file: each poll is signed valid for this long
 
 # Failure causes, in the order the progress line and the summary show them.
 CAUSES = ("refused", "timeout", "reset", "closed", "EMFILE", "EADDRNOTAVAIL", "http", "other")
@@ -405,6 +406,7 @@ class Config:
     app_host: str               # the manager's app port as given (for /stats, and messages) ...
     app_addr: str               # ... and its IPv4 address (the Sender connects to it)
     app_port: int
+    key: bytes | None = None    # --subscriber-key-file: polls are signed with this (its first)
 
 
 # How the parent adds up one field of the children's reports (Report.merge).
@@ -668,6 +670,7 @@ class Child:
         self.lo, self.n = lo, hi - lo
         self.addr = cfg.addr
         self.host_header = cfg.host.encode()
+        self.key = cfg.key
         self.base_port = cfg.base_port
         self.workers = cfg.workers
         self.sources = cfg.sources
@@ -790,8 +793,13 @@ class Child:
             self.last_first_open_t = now
         if self.sources:
             self.per_source[self.src_of[conn.j]] += 1
-        conn.out = b"GET /%s.js HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (
-            self.id_bytes(conn.j), self.host_header, conn.port)
+        id_ = self.id_bytes(conn.j)
+        query = b""
+        if self.key is not None:    # signed at each request, so a long run never expires
+            exp = int(time.time()) + SIGN_TTL_S
+            query = b"?exp=%d&sig=%s" % (exp, sign(self.key, id_, exp))
+        conn.out = b"GET /%s.js%s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (
+            id_, query, self.host_header, conn.port)
         self.flush(conn, now)
 
     def flush(self, conn: Conn, now: float) -> None:
@@ -1827,6 +1835,10 @@ def shortfalls(s: dict) -> list[str]:
         else:
             reached = max(s["peak_open"], s["ids_opened"])
             out.append(f"only {reached:,} of {s['target']:,} connections opened: {s['cause']}")
+    unsigned = sum(s.get("status", {}).get(code, 0) for code in ("401", "403"))
+    if unsigned:  # opened, then refused: the server has --subscriber-key-file
+        out.append(f"{unsigned:,} polls refused 401/403 for want of a good signature: pass "
+                   "--subscriber-key-file with the server's key file")
     asked = s["send_asked"]
     if asked and s["unsendable"]:
         causes = sorted(s["unsendable_causes"].items(), key=lambda c: -c[1])
@@ -1892,6 +1904,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app-host", default="127.0.0.1", help="the manager's app address")
     p.add_argument("--app-port", type=port, default=9000, help="the manager's app port (9000)")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON here")
+    p.add_argument("--subscriber-key-file", metavar="F",
+                   help="sign every poll with the first key of F, as the server's "
+                        "--subscriber-key-file wants (valid for an hour from each request)")
     return p
 
 
@@ -1904,6 +1919,12 @@ def main(argv: list[str] | None = None) -> int:
     if not valid_id(prefix + str(args.conns - 1).encode()):
         return fail(f"ids {args.prefix}0..{args.prefix}{args.conns - 1} are not valid ids "
                     f"(1-128 of [A-Za-z0-9_~-])")
+    key = None
+    if args.subscriber_key_file is not None:
+        try:
+            key = read_keys(args.subscriber_key_file)[0]
+        except KeyFileError as e:
+            return fail(f"{e} (--subscriber-key-file)")
     try:
         addr = socket.gethostbyname(args.host)
         app_addr = socket.gethostbyname(args.app_host)
@@ -1951,7 +1972,7 @@ def main(argv: list[str] | None = None) -> int:
                  sources=tuple(sources), rate=args.rate, hold=hold, max_time=args.max_time,
                  connect_timeout=args.connect_timeout, stall=args.stall, send=args.send,
                  send_rate=args.send_rate, grace=args.grace, app_host=args.app_host,
-                 app_addr=app_addr, app_port=args.app_port)
+                 app_addr=app_addr, app_port=args.app_port, key=key)
     parent = Parent(cfg, split_range(args.conns, procs))
 
     def on_signal(signum, frame):

@@ -15,8 +15,10 @@ Three roles, in this order in the file, split as gunicorn splits its arbiter fro
   one reconcile pass that brings the workers back to W, and the heartbeat watchdog. Signal
   handlers only wake the loop (asyncio's add_signal_handler); exit statuses become readable
   lines; a worker that cannot boot exits with server.EXIT_BOOT_ERROR and the manager stops
-  instead of restart-looping. It also reads the figures for /stats from the pages: no worker
-  is asked, so a stopped or busy one cannot delay an answer.
+  instead of restart-looping. SIGHUP re-reads --subscriber-key-file and, if it is good, passes
+  the SIGHUP on to the workers, which read it themselves (the keys never travel the link).
+  It also reads the figures for /stats from the pages: no worker is asked, so a stopped or
+  busy one cannot delay an answer.
 - Router: one message id per accepted message (MessageIds), the frames into the outboxes.
 - AppServer: the app port's three protocols, told apart by the first byte of a connection
   (0x02 the original's binary frames, `{` JSON lines, an ASCII letter HTTP/1.1). It only needs
@@ -71,6 +73,7 @@ APP_HEAD_MAX = 8192  # app HTTP request heads, same limit as the comet ports
 QUICK_DEATH = 1.0  # a worker dying younger than this is crash-looping: restart after a pause
 RESTART_PAUSE = 0.5  # keeps "restarted within 1 s" while not burning a CPU on a crash loop
 SHUTDOWN_GRACE = 3.0  # SIGTERM, then SIGKILL after this; the whole shutdown fits in 5 s
+SHORT_KEY = 16  # bytes: a subscriber key shorter than this is warned about (it can be guessed)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 APP_REASONS = {**server.REASONS, 202: b"Accepted"}
 # Per-worker figures in /stats (SPEC's list, then ours), summed into the totals.
@@ -408,7 +411,9 @@ class Supervisor:
                 "--max-waiters", str(o.max_waiters), "--sse-heartbeat", str(o.sse_heartbeat),
                 "--sse-buffer", str(o.sse_buffer), "--public-scheme", o.public_scheme,
                 "--public-base-port", str(o.public_base_port or o.base_port),
-                "--trusted-proxy", ",".join(map(str, o.trusted_proxy))]
+                "--trusted-proxy", ",".join(map(str, o.trusted_proxy))] + (
+                    ["--subscriber-key-file", o.subscriber_key_file]
+                    if o.subscriber_key_file is not None else [])
 
     def spawn(self, slot: Slot) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -419,7 +424,9 @@ class Supervisor:
             slot.pid = os.posix_spawn(
                 sys.executable, self.worker_argv(slot.n), os.environ,
                 file_actions=[(os.POSIX_SPAWN_DUP2, src, dst) for src, dst in
-                              zip(sources, (LISTEN_FD, LINK_FD, PAGE_FD), strict=True)])
+                              zip(sources, (LISTEN_FD, LINK_FD, PAGE_FD), strict=True)],
+                # A SIGHUP forwarded while it boots waits until it has its handler (server.main).
+                setsigmask={signal.SIGHUP})
         except OSError as e:  # out of processes or memory: try again, do not lose the slot
             log(f"worker {slot.n}: cannot start a process ({e.strerror}); retrying")
             mine.close()
@@ -556,6 +563,33 @@ class Supervisor:
             slot.outbox.flush()
         if self.flow.reasons:
             self.ack_poll = self.loop.call_later(ACK_POLL, self.poll_acks)
+
+    # -- reload ------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: read the subscriber key file again; if it is good, every worker reads it too
+        (server.Worker.load_keys), connections kept. A bad one changes nothing."""
+        path = self.opts.subscriber_key_file
+        if self.stopping:
+            return
+        if path is None:
+            log("megacomet: SIGHUP: nothing to reload (no --subscriber-key-file)")
+            return
+        try:
+            keys = read_subscriber_keys(path)
+        except server.KeyFileError as e:
+            log(f"megacomet: SIGHUP: {e}; the workers keep the keys they have")
+            return
+        told = 0
+        for slot in self.slots:
+            if slot.pid is not None:
+                try:
+                    os.kill(slot.pid, signal.SIGHUP)
+                    told += 1
+                except ProcessLookupError:
+                    pass  # dead: its successor reads the file when it starts
+        log(f"megacomet: SIGHUP: {len(keys)} subscriber keys read from {path}; "
+            f"{told} workers told to read them")
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -1167,6 +1201,7 @@ async def run(opts) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, supervisor.stop)
     loop.add_signal_handler(signal.SIGCHLD, supervisor.reap)
+    loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
     supervisor.reconcile()  # the first pass spawns every worker
     log(f"megacomet: {opts.workers} workers on {opts.host}:{opts.base_port}-"
         f"{opts.base_port + opts.workers - 1}, app port {opts.app_host}:{opts.app_port}, "
@@ -1180,6 +1215,17 @@ async def run(opts) -> int:
         task.cancel()
     supervisor.reap()
     return supervisor.exit_code
+
+
+def read_subscriber_keys(path: str) -> list:
+    """server.read_keys, and a warning for keys short enough to be guessed."""
+    keys = server.read_keys(path)
+    short = sum(len(k) < SHORT_KEY for k in keys)
+    if short:
+        log(f"megacomet: warning: {short} of the {len(keys)} keys in {path} are shorter than "
+            f"{SHORT_KEY} bytes and can be guessed; make one with python3 -c "
+            "'import secrets; print(secrets.token_hex(32))'")
+    return keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1242,6 +1288,9 @@ def parse_args(argv=None):
                    metavar="ADDR[,ADDR...]",
                    help="peers (addresses or networks) whose X-Forwarded-Proto and "
                         "X-Forwarded-Port set a 307's scheme and port (default: none)")
+    p.add_argument("--subscriber-key-file", metavar="F", default=None,
+                   help="every poll and stream must carry exp and sig, signed with a key of "
+                        "this file (one a line); SIGHUP reads it again")
     opts = p.parse_args(argv)
     last = opts.base_port + opts.workers - 1
     if last > 65535:
@@ -1268,6 +1317,16 @@ def same_address(a: str, b: str) -> bool:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    if opts.subscriber_key_file is not None:
+        # Absolute: the workers read it (at start, on SIGHUP) whatever their directory.
+        opts.subscriber_key_file = os.path.abspath(opts.subscriber_key_file)
+        try:
+            keys = read_subscriber_keys(opts.subscriber_key_file)
+        except server.KeyFileError as e:
+            print(f"megacomet: {e} (--subscriber-key-file)", file=sys.stderr)
+            return 2
+        log(f"megacomet: {len(keys)} subscriber keys read from {opts.subscriber_key_file}: "
+            "every poll and stream must be signed")
     nofile = raise_nofile()
     log(manager_capacity_line(opts.workers, nofile))
     return asyncio.run(run(opts))

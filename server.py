@@ -23,6 +23,10 @@ A comet connection lives through these states, kept in `state[fd]`, a list index
                         └ a stream (`is_stream[fd]`): each message written, the fd waits on;
                           one that is behind has a Backlog in `backlog[fd]` until it catches up
 
+With --subscriber-key-file, a poll or stream is checked once, when its head is parsed
+(signature_error): a bad signature is an error like any other, and nothing of the check stays
+with the connection.
+
 Errors are answered, then the write side is shut and the socket is drained for a moment
 (LINGER) before closing, so the client reads the error instead of a reset.
 
@@ -61,6 +65,8 @@ import argparse
 import bisect
 import errno
 import fcntl
+import hashlib
+import hmac
 import ipaddress
 import json
 import mmap
@@ -72,6 +78,7 @@ import signal
 import socket
 import sys
 import time
+from binascii import hexlify
 from collections import deque
 from operator import attrgetter
 from typing import NamedTuple
@@ -314,6 +321,115 @@ def parse_after_empty_lines(buf: bytes, scanned: int, limit: int):
 
 
 # ---------------------------------------------------------------------------------------------
+# Subscriber keys: signed poll and stream URLs (SPEC "Subscriber keys")
+# ---------------------------------------------------------------------------------------------
+# With --subscriber-key-file, a poll or stream URL carries `exp=<unix seconds>&sig=<hex>`, signed
+# by the app server with a key it shares with us. It is checked once, at the request, before
+# the 307: nothing is kept per connection, and without keys the check is one attribute test.
+
+SIG_DIGITS = 32  # sig: the first 32 hex digits (128 bits) of HMAC-SHA256(key, "<id>:<exp>")
+SHA256_BLOCK = 64  # bytes: HMAC pads the key to this (RFC 2104), hashing a longer one first
+IPAD = bytes(b ^ 0x36 for b in range(256))  # bytes.translate tables: the key XOR each pad
+OPAD = bytes(b ^ 0x5C for b in range(256))
+KEY_FILE_MAX = 64 * 1024  # a key file is a few lines; a bigger one is the wrong file
+KEYS_MAX = 16  # every key is tried on every signed request (no early exit), ~1.5 us each
+EXP_DIGITS = 18  # an exp longer than this (leading zeros aside) is centuries ahead: no int()
+SIG_MISSING = HTTPError(401, "a signed URL is required: exp and sig (see --subscriber-key-file)")
+SIG_BAD_EXP = HTTPError(403, "exp must be a decimal integer: unix seconds")
+SIG_EXPIRED = HTTPError(403, "signed URL expired: exp is in the past")
+SIG_BAD_LENGTH = HTTPError(403, f"sig must be {SIG_DIGITS} hex digits: the first {SIG_DIGITS} "
+                                "of HMAC-SHA256(key, \"<id>:<exp>\")")
+SIG_WRONG = HTTPError(403, "wrong signature for this id and exp")
+SIG_NO_KEYS = HTTPError(503, "this worker could not read its subscriber key file: see the log")
+
+
+class KeyFileError(Exception):
+    """A subscriber key file that cannot be used; the message is one line naming the file."""
+
+
+def read_keys(path: str) -> list:
+    """The keys of a key file, as bytes: each non-empty line, stripped of surrounding
+    whitespace and not starting with `#` (a repeated one counts once). Raises KeyFileError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(KEY_FILE_MAX + 1)
+    except OSError as e:
+        raise KeyFileError(f"cannot read subscriber key file {path}: "
+                           f"{e.strerror or e}") from None
+    if len(data) > KEY_FILE_MAX:
+        raise KeyFileError(f"subscriber key file {path} is over {KEY_FILE_MAX // 1024} KiB: "
+                           "the wrong file? (one key a line)")
+    keys = []
+    for line in data.splitlines():
+        line = line.strip()
+        if line and not line.startswith(b"#") and line not in keys:
+            keys.append(line)
+    if not keys:
+        raise KeyFileError(f"subscriber key file {path} holds no key: one key a line, "
+                           "# starts a comment")
+    if len(keys) > KEYS_MAX:
+        raise KeyFileError(f"subscriber key file {path} holds {len(keys)} keys, more than "
+                           f"{KEYS_MAX}: each is tried on every request (2 are enough to "
+                           "rotate)")
+    return keys
+
+
+def key_pads(key: bytes) -> tuple:
+    """HMAC-SHA256's two hash states after the key's inner and outer pads (RFC 2104), made
+    once per key when the file is read: a check then costs two copies and two short hashes.
+    hmac.digest() makes them again on every call: 3.6-4.4 us a key against 1.4 us this way
+    (OpenSSL 3.0; tests/test_keys.py holds it to hmac.digest for any key)."""
+    if len(key) > SHA256_BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(SHA256_BLOCK, b"\0")
+    return hashlib.sha256(key.translate(IPAD)), hashlib.sha256(key.translate(OPAD))
+
+
+def hmac_sha256(pads: tuple, message: bytes) -> bytes:
+    """hmac.digest(key, message, "sha256"), from key_pads(key)."""
+    inner, outer = pads[0].copy(), pads[1].copy()
+    inner.update(message)
+    outer.update(inner.digest())
+    return outer.digest()
+
+
+def sign(key: bytes, id_: bytes, exp: int) -> bytes:
+    """The `sig` of a URL for id_ valid until exp (unix seconds), as the app server makes it."""
+    return hexlify(hmac.digest(key, b"%s:%d" % (id_, exp), "sha256")[:SIG_DIGITS // 2])
+
+
+def signature_error(keys: list, id_: bytes, query: bytes, now: float):
+    """None when the query carries a good signature of id_ by one of `keys` (SPEC: exp and
+    sig; each key as its key_pads), else the HTTPError to refuse with: 401 without exp or sig
+    (an empty one counts as absent), 403 for a bad or past exp or a wrong sig, 503 with no
+    keys (a worker whose key file could not be read). Of exp or sig given twice, the last
+    counts. Pure: `now` is time.time()."""
+    exp = sig = b""
+    for part in query.split(b"&"):
+        if part.startswith(b"exp="):
+            exp = part[4:]
+        elif part.startswith(b"sig="):
+            sig = part[4:]
+    if not exp or not sig:
+        return SIG_MISSING
+    if not keys:
+        return SIG_NO_KEYS
+    if not exp.isdigit():  # ASCII digits only: no sign, no space, no exponent
+        return SIG_BAD_EXP
+    digits = exp.lstrip(b"0")
+    if len(digits) <= EXP_DIGITS and int(digits or b"0") < now:
+        return SIG_EXPIRED
+    if len(sig) != SIG_DIGITS:
+        return SIG_BAD_LENGTH
+    sig = sig.lower()  # either case; hexlify's is lower
+    message = id_ + b":" + exp  # exp as sent: the signer wrote these very digits
+    good = False
+    for pads in keys:  # every key, no early exit: the time taken does not tell which matched
+        good |= hmac.compare_digest(hexlify(hmac_sha256(pads, message)[:SIG_DIGITS // 2]), sig)
+    return None if good else SIG_WRONG
+
+
+# ---------------------------------------------------------------------------------------------
 # The message store: each id's history (SPEC "History and the cursor")
 # ---------------------------------------------------------------------------------------------
 
@@ -535,9 +651,9 @@ JS = b"application/javascript"
 JSON = b"application/json"
 REASONS = {
     200: b"OK", 204: b"No Content", 307: b"Temporary Redirect", 400: b"Bad Request",
-    401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed", 409: b"Conflict",
-    411: b"Length Required", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
+    401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
+    409: b"Conflict", 411: b"Length Required", 413: b"Content Too Large",
+    431: b"Request Header Fields Too Large", 503: b"Service Unavailable",
 }
 
 
@@ -749,6 +865,29 @@ class Worker:
         self.accept_hot = False  # same for the listener
         self.accept_paused_until = 0.0  # EMFILE and friends: listener unwatched until then
         self.last_limit_log: dict = {}  # limit name -> when it was last logged
+        # --subscriber-key-file: None, every poll is served; else the keys a URL may be signed
+        # with, read at start and again on SIGHUP (the handler only sets reload_keys).
+        self.key_file = opts.subscriber_key_file
+        self.keys = None
+        self.reload_keys = False
+        if self.key_file is not None:
+            self.load_keys()
+
+    # -- subscriber keys ---------------------------------------------------------------------
+
+    def load_keys(self) -> None:
+        """Read the key file (at start, and on SIGHUP: connections are kept). A file that
+        cannot be used keeps the keys read before; at start there are none, and every poll and
+        stream is refused (503) until a SIGHUP finds a good file. The manager checked the file
+        a moment before, so that takes a file broken since and a worker restart."""
+        try:
+            self.keys = [key_pads(key) for key in read_keys(self.key_file)]
+        except KeyFileError as e:
+            then = f"keeping the {len(self.keys)} keys read before" if self.keys else \
+                "refusing every poll and stream (503) until a SIGHUP finds a good file"
+            log(f"worker {self.n}: {e}; {then}")
+            if self.keys is None:
+                self.keys = []
 
     # -- limits: logged once in a while, never fatal -----------------------------------------
 
@@ -1090,6 +1229,11 @@ class Worker:
             last = parse_cursor(headers[b"last-event-id"])
             if last is not None:
                 cursor = last
+        if self.keys is not None:  # --subscriber-key-file: after every 400, before the 307
+            err = signature_error(self.keys, id_, req.query, time.time())
+            if err is not None:
+                self.refuse(fd, err)
+                return
         home = x31(id_) % self.workers
         if home != self.n:
             try:
@@ -1514,6 +1658,10 @@ class Worker:
         timeout = 0
         while True:
             count[BEAT_NS] = time.monotonic_ns()  # the heartbeat the manager watches
+            if self.reload_keys:  # SIGHUP (within a pass: the loop passes every beat_interval)
+                self.reload_keys = False
+                if self.key_file is not None:
+                    self.load_keys()
             if self.accept_hot or self.link_hot:
                 timeout = 0
             events = epoll.poll(timeout, 1024)
@@ -1643,6 +1791,9 @@ def parse_args(argv=None):
     p.add_argument("--public-scheme", choices=("http", "https"), default="http")
     p.add_argument("--public-base-port", type=options.port, default=None)
     p.add_argument("--trusted-proxy", type=options.networks, default=())
+    p.add_argument("--subscriber-key-file", default=None,
+                   help="polls and streams must be signed by a key of this file (SIGHUP: read "
+                        "it again)")
     p.add_argument("--listen-fd", type=options.non_negative_int, default=LISTEN_FD)
     p.add_argument("--link-fd", type=options.non_negative_int, default=LINK_FD)
     p.add_argument("--page-fd", type=options.non_negative_int, default=PAGE_FD)
@@ -1663,7 +1814,17 @@ def main(argv=None) -> int:
         log(f"worker {opts.worker}: cannot use the inherited sockets and page ({e}); "
             "server.py is started by manager.py")
         return EXIT_BOOT_ERROR
-    Worker(opts, listener, opts.link_fd, page).run()
+    worker = Worker(opts, listener, opts.link_fd, page)
+
+    def on_hup(signum, frame):  # only a flag: the loop reads the key file (Worker.run)
+        worker.reload_keys = True
+
+    # The manager starts us with SIGHUP blocked, so that one sent before this line (a reload
+    # while we boot) waits instead of killing us; the keys were just read, one more read is
+    # harmless.
+    signal.signal(signal.SIGHUP, on_hup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    worker.run()
     return 0
 
 

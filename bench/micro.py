@@ -7,7 +7,10 @@
 - x31: server.x31 on a 6-byte and on a 128-byte id (the longest valid one);
 - response_head: server.response_head for a message answer, and the whole answer as
   Worker.message_response builds it (head with X-Message-Id, then the body);
-- link: link.encode_msg of 10 frames joined (one manager write), link.decode of that batch.
+- link: link.encode_msg of 10 frames joined (one manager write), link.decode of that batch;
+- signature check: server.signature_error as a worker with --subscriber-key-file runs it on
+  each poll and stream (exp and sig taken from the query, HMAC-SHA256 with every key,
+  compare_digest, time.time() included), with 1 key and with 2 (a rotation).
 
 pyperf runs each in its own worker processes (20 by default) and prints mean +- std dev;
 `--fast` gives rough figures sooner (10 processes: still ~30 s on a busy 2-core box),
@@ -16,6 +19,7 @@ keeps the results for `python -m pyperf compare_to`.
 """
 
 import sys
+import time
 from pathlib import Path
 
 import pyperf
@@ -45,6 +49,13 @@ MESSAGE = b"t=1732763001234567890;seq=12345"
 MID = b"1732763001234-0"
 TAIL = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: *\r\n"
         b"Access-Control-Expose-Headers: X-Message-Id, X-Message-Gap\r\nConnection: close\r\n\r\n")
+EXP = 4102444800  # 2100-01-01: never expired while benchmarking
+KEY1 = b"2f6a0c1e7b2d4a58e91f3c7d5b0a6e4f2f6a0c1e7b2d4a58e91f3c7d5b0a6e4f"  # 64 hex chars
+KEY2 = b"9c41d7e2a05b3f68c1e94d7a2b0f5e3c9c41d7e2a05b3f68c1e94d7a2b0f5e3c"
+# A browser's query with a cursor, signed with KEY1 (the first key tried: every key is anyway).
+SIGNED_QUERY = b"since=1732763000000-0&exp=%d&sig=%s" % (EXP, server.sign(KEY1, ID6, EXP))
+KEYS1 = [server.key_pads(KEY1)]  # as a worker holds them
+KEYS2 = [server.key_pads(KEY1), server.key_pads(KEY2)]
 BATCH_IDS = [b"a%d" % i for i in range(10)]
 BATCH = b"".join(link.encode_msg(i, MESSAGE, 1732763001234, n) for n, i in enumerate(BATCH_IDS))
 
@@ -69,6 +80,8 @@ BENCHMARKS = (  # (name, statement), timed by pyperf's timeit
     ("message_response (head + body)", "message_response(MESSAGE, MID)"),
     ("link.encode_msg x10 joined", "encode_batch()"),
     ("link.decode batch of 10", "decode(BATCH)"),
+    ("signature check, 1 key", "signature_error(KEYS1, ID6, SIGNED_QUERY, time())"),
+    ("signature check, 2 keys", "signature_error(KEYS2, ID6, SIGNED_QUERY, time())"),
 )
 
 
@@ -77,7 +90,8 @@ def main() -> None:
     runner.metadata["description"] = "MegaComet building blocks (server.py, link.py)"
     names = {**globals(), "parse_request": server.parse_request, "x31": server.x31,
              "response_head": server.response_head, "TEXT": server.TEXT,
-             "decode": link.decode}
+             "decode": link.decode, "signature_error": server.signature_error,
+             "time": time.time}
     for name, stmt in BENCHMARKS:
         runner.timeit(name, stmt, globals=names)
 
