@@ -95,7 +95,12 @@ def describe_exit(status: int) -> str:
 
 
 def log(line: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+    try:
+        print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+    except OSError:
+        # stdout is gone (journald restarted, the reading end of a pipe closed): a log line
+        # must not stop a stop. Later lines go nowhere, and the exit does not fail on them.
+        sys.stdout = open(os.devnull, "w")
 
 
 def http_reply(status: int, body: dict, keep: bool, extra: bytes = b"") -> bytes:
@@ -591,6 +596,7 @@ class Supervisor:
         """Every worker is gone (or the last wait is over): one line, then run() returns."""
         if self.done.is_set():
             return
+        self.done.set()
         lost = sum(slot.lost for slot in self.slots) - self.lost_before_stop
         unsent = sum(len(slot.outbox.unsent) for slot in self.slots)
         what = f"; lost with them: {lost:,} messages queued for clients that were not " \
@@ -601,7 +607,6 @@ class Supervisor:
         gone = f"workers {left} still running" if left else "every worker exited"
         log(f"stopped: {gone} {time.monotonic() - self.stop_started:.2f} s after the "
             f"signal{what}")
-        self.done.set()
 
     # -- figures -----------------------------------------------------------------------------
 
