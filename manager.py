@@ -15,12 +15,16 @@ Three roles, in this order in the file, split as gunicorn splits its arbiter fro
   one reconcile pass that brings the workers back to W, and the heartbeat watchdog. Signal
   handlers only wake the loop (asyncio's add_signal_handler); exit statuses become readable
   lines; a worker that cannot boot exits with server.EXIT_BOOT_ERROR and the manager stops
-  instead of restart-looping. It also reads the figures for /stats from the pages: no worker
-  is asked, so a stopped or busy one cannot delay an answer.
+  instead of restart-looping. SIGTERM or SIGINT drains (stop): publishes are refused, each
+  worker gets SIGTERM, stops listening, ends its waiting connections over --drain seconds
+  and exits; none is restarted; what still runs DRAIN_GRACE later is killed. It also reads
+  the figures for /stats, /metrics and /healthz from the pages: no worker is asked, so a
+  stopped or busy one cannot delay an answer.
 - Router: one message id per accepted message (MessageIds), the frames into the outboxes.
 - AppServer: the app port's three protocols, told apart by the first byte of a connection
   (0x02 the original's binary frames, `{` JSON lines, an ASCII letter HTTP/1.1). It only needs
-  a Router (send, broadcast), the stats and the Flow gate.
+  a Router (send, broadcast), the stats and the Flow gate. GET /metrics is the same figures
+  in Prometheus's text format (metrics_text), GET /healthz whether every worker is up.
 
 Delivery promises (the README has the full list). A message is accepted only when its
 worker's outbox has room (--queue-bytes of unacknowledged frames per worker), else refused with
