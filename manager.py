@@ -17,12 +17,16 @@ Three roles, in this order in the file, split as gunicorn splits its arbiter fro
   lines; a worker that cannot boot exits with server.EXIT_BOOT_ERROR and the manager stops
   instead of restart-looping. SIGHUP re-reads --subscriber-key-file and, if it is good, passes
   the SIGHUP on to the workers, which read it themselves (the keys never travel the link).
-  It also reads the figures for /stats from the pages: no worker is asked, so a stopped or
-  busy one cannot delay an answer.
+  SIGTERM or SIGINT drains (stop): publishes are refused, each worker gets SIGTERM, stops
+  listening, ends its waiting connections over --drain seconds and exits; none is restarted;
+  what still runs DRAIN_GRACE later is killed. It also reads the figures for /stats, /metrics
+  and /healthz from the pages: no worker is asked, so a stopped or busy one cannot delay an
+  answer.
 - Router: one message id per accepted message (MessageIds), the frames into the outboxes.
 - AppServer: the app port's three protocols, told apart by the first byte of a connection
   (0x02 the original's binary frames, `{` JSON lines, an ASCII letter HTTP/1.1). It only needs
-  a Router (send, broadcast), the stats and the Flow gate.
+  a Router (send, broadcast), the stats and the Flow gate. GET /metrics is the same figures
+  in Prometheus's text format (metrics_text), GET /healthz whether every worker is up.
 
 Delivery promises (the README has the full list). A message is accepted only when its
 worker's outbox has room (--queue-bytes of unacknowledged frames per worker), else refused with
@@ -56,7 +60,7 @@ from pathlib import Path
 import link
 import options
 import server
-from link import BEAT_NS, BROADCAST, LINK_DONE
+from link import BEAT_NS, BROADCAST, LINK_DONE, WAITING
 from server import LINK_FD, LISTEN_FD, PAGE_FD, HTTPError, parse_request, valid_id
 from tuning.check import manager_capacity_line, port_clash_hint, raise_nofile
 
@@ -72,10 +76,14 @@ APP_READ_SIZE = 256 * 1024
 APP_HEAD_MAX = 8192  # app HTTP request heads, same limit as the comet ports
 QUICK_DEATH = 1.0  # a worker dying younger than this is crash-looping: restart after a pause
 RESTART_PAUSE = 0.5  # keeps "restarted within 1 s" while not burning a CPU on a crash loop
-SHUTDOWN_GRACE = 3.0  # SIGTERM, then SIGKILL after this; the whole shutdown fits in 5 s
+# A worker still running this long after --drain is over gets SIGKILL, and the manager exits
+# at most 0.5 s later: the whole stop fits in --drain + 3 s (SPEC).
+DRAIN_GRACE = 2.0
+UP_BEATS = 2  # a worker whose loop has not passed for this many beat intervals is down
 SHORT_KEY = 16  # bytes: a subscriber key shorter than this is warned about (it can be guessed)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 APP_REASONS = {**server.REASONS, 202: b"Accepted"}
+GET_PATHS = (b"/stats", b"/metrics", b"/healthz")  # the app port's read-only paths
 # Per-worker figures in /stats (SPEC's list, then ours), summed into the totals.
 ROW_GAUGES = ("connections", "waiting", "streams", "queued_messages", "queued_bytes",
               "undelivered")
@@ -135,7 +143,12 @@ def bind_error(what: str, host: str, port: int, flags: str, e: OSError, opts) ->
 
 
 def log(line: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+    try:
+        print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+    except OSError:
+        # stdout is gone (journald restarted, the reading end of a pipe closed): a log line
+        # must not stop a stop. Later lines go nowhere, and the exit does not fail on them.
+        sys.stdout = open(os.devnull, "w")
 
 
 def http_reply(status: int, body: dict, keep: bool, extra: bytes = b"") -> bytes:
@@ -380,12 +393,17 @@ class Supervisor:
         self.loop = asyncio.get_running_loop()
         self.cpus = sorted(os.sched_getaffinity(0))
         self.slots: list = []
-        self.stopping = False
+        self.stopping = False  # draining: from the first SIGTERM/SIGINT on
+        self.stop_started = 0.0
+        self.hurried = False  # a second signal came
+        self.lost_before_stop = 0
         self.exit_code = 0
         self.done = asyncio.Event()
         self.flushing: set = set()  # outboxes to flush at the end of this loop pass
         self.batching = False  # an AppProtocol read is being routed: it flushes at its end
         self.ack_poll = None  # timer while the flow is blocked
+        # Up (/healthz, megacomet_up): a live loop passes at least every beat interval.
+        self.up_beat_age = UP_BEATS * min(server.BEAT_INTERVAL, opts.worker_timeout / 4)
 
     # -- ports and processes -----------------------------------------------------------------
 
@@ -409,13 +427,27 @@ class Supervisor:
                 str(o.header_timeout), "--write-timeout", str(o.write_timeout),
                 "--worker-timeout", str(o.worker_timeout), "--cors-origin", o.cors_origin,
                 "--max-waiters", str(o.max_waiters), "--sse-heartbeat", str(o.sse_heartbeat),
-                "--sse-buffer", str(o.sse_buffer), "--public-scheme", o.public_scheme,
+                "--sse-buffer", str(o.sse_buffer), "--drain", str(o.drain),
+                "--public-scheme", o.public_scheme,
                 "--public-base-port", str(o.public_base_port or o.base_port),
                 "--trusted-proxy", ",".join(map(str, o.trusted_proxy))] + (
                     ["--subscriber-key-file", o.subscriber_key_file]
                     if o.subscriber_key_file is not None else [])
 
     def spawn(self, slot: Slot) -> None:
+        if not slot.listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            # A worker drained by a SIGTERM of its own stopped the listener (shutdown), which
+            # cannot listen again: a new socket on the same port for its successor.
+            o = self.opts
+            try:
+                listener = server.make_listener(o.host, slot.port, o.backlog, o.keepalive)
+            except OSError as e:
+                log(f"worker {slot.n}: cannot listen on {o.host}:{slot.port} again "
+                    f"({e.strerror}); retrying")
+                slot.restart_at = time.monotonic() + RESTART_PAUSE
+                return
+            slot.listener.close()
+            slot.listener = listener
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Sources above the targets, so no dup2 below overwrites another's source.
         sources = [high_dup(slot.listener.fileno()), high_dup(theirs.fileno()),
@@ -476,8 +508,11 @@ class Supervisor:
         slot.link = None
         pid, slot.pid = slot.pid, None
         if self.stopping:
+            if os.WIFSIGNALED(status) or os.waitstatus_to_exitcode(status):
+                log(f"worker {slot.n} (pid {pid}) {describe_exit(status)} while draining")
+            self.stop_listening(slot)
             if all(s.pid is None for s in self.slots):
-                self.done.set()
+                self.stopped()
             return
         code = os.waitstatus_to_exitcode(status)
         lost = f", {figures['undelivered']:,} undelivered messages lost" \
@@ -490,7 +525,7 @@ class Supervisor:
         if code == server.EXIT_BOOT_ERROR:
             log(f"worker {slot.n} cannot boot; stopping (see the line above)")
             self.exit_code = 1
-            self.stop()
+            self.stop(f"worker {slot.n} cannot boot")
             return
         slot.restarts += 1
         quick = time.monotonic() - slot.started < QUICK_DEATH
@@ -593,34 +628,89 @@ class Supervisor:
 
     # -- stop --------------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """SIGTERM/SIGINT: close the links (workers exit on that), SIGTERM, then SIGKILL."""
+    def stop(self, why: str = "") -> None:
+        """SIGTERM/SIGINT: drain. Publishes are refused from now on (Router); each worker gets
+        SIGTERM, stops listening, ends its waiting connections over --drain seconds and exits
+        (server.py, Worker.start_drain); none is restarted. The links stay open meanwhile: a
+        worker keeps acting on the frames accepted before, and a link's EOF would make it exit
+        at once. A second signal ends the drain at once (another SIGTERM to each worker);
+        DRAIN_GRACE after the drain, what still runs gets SIGKILL."""
         if self.stopping:
+            if not self.hurried and why:
+                self.hurried = True
+                log(f"{why} again: ending the drain now")
+                self.signal_workers(signal.SIGTERM)
             return
         self.stopping = True
+        self.stop_started = time.monotonic()
+        self.lost_before_stop = sum(slot.lost for slot in self.slots)
+        drain = self.opts.drain
+        waiting = sum(slot.page[WAITING] for slot in self.slots if slot.pid is not None)
+        log(f"{why or 'stopping'}: draining {waiting:,} waiting polls and streams over "
+            f"{drain:g} s (--drain); new connections and publishes are refused")
         for slot in self.slots:
-            if slot.link is not None and slot.link.transport is not None:
-                slot.link.transport.close()
+            if slot.pid is None:
+                self.stop_listening(slot)  # no worker to answer what would queue there
+        self.signal_workers(signal.SIGTERM)
+        if all(s.pid is None for s in self.slots):
+            self.stopped()
+        self.loop.call_later(drain + DRAIN_GRACE, self.kill_rest)
+
+    def signal_workers(self, sig: int) -> None:
+        for slot in self.slots:
             if slot.pid is not None:
                 try:
-                    os.kill(slot.pid, signal.SIGTERM)
+                    os.kill(slot.pid, sig)
                 except ProcessLookupError:
-                    pass
-        if all(s.pid is None for s in self.slots):
-            self.done.set()
-        self.loop.call_later(SHUTDOWN_GRACE, self.kill_rest)
+                    pass  # dead already: the reaper will see it
+
+    def stop_listening(self, slot: Slot) -> None:
+        """What a draining worker does itself (shutdown stops every copy of the socket):
+        for a slot whose worker died or never drained, new connects are refused at once."""
+        try:
+            slot.listener.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # stopped already
 
     def kill_rest(self) -> None:
+        late = time.monotonic() - self.stop_started
         for slot in self.slots:
             if slot.pid is not None:
-                log(f"worker {slot.n} (pid {slot.pid}) ignored SIGTERM; killing it")
+                log(f"worker {slot.n} (pid {slot.pid}) still running {late:.1f} s after "
+                    f"SIGTERM (--drain {self.opts.drain:g}); killing it (SIGKILL)")
                 try:
                     os.kill(slot.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        self.loop.call_later(0.5, self.done.set)
+        self.loop.call_later(0.5, self.stopped)
+
+    def stopped(self) -> None:
+        """Every worker is gone (or the last wait is over): one line, then run() returns."""
+        if self.done.is_set():
+            return
+        self.done.set()
+        lost = sum(slot.lost for slot in self.slots) - self.lost_before_stop
+        unsent = sum(len(slot.outbox.unsent) for slot in self.slots)
+        what = f"; lost with them: {lost:,} messages queued for clients that were not " \
+            "waiting" if lost else ""
+        if unsent:
+            what += f"; {unsent:,} accepted messages never reached a worker"
+        left = [slot.n for slot in self.slots if slot.pid is not None]
+        gone = f"workers {left} still running" if left else "every worker exited"
+        log(f"stopped: {gone} {time.monotonic() - self.stop_started:.2f} s after the "
+            f"signal{what}")
 
     # -- figures -----------------------------------------------------------------------------
+
+    def healthy(self, slot: Slot, now: float) -> bool:
+        """Up, as /healthz and megacomet_up say: its process is alive (not yet reaped), its
+        link is attached (a message can be handed to it), its loop has passed within the last
+        UP_BEATS beat intervals (2 s by default: a stopped or stuck worker is down long before
+        --worker-timeout kills it; a new one is down until its first pass), and no drain has
+        begun (a draining worker takes no new connection)."""
+        beat = slot.page[BEAT_NS]
+        return (not self.stopping and slot.pid is not None and slot.outbox.link is not None
+                and beat != 0 and now - beat / 1e9 <= self.up_beat_age)
 
     def worker_row(self, slot: Slot, now: float) -> dict:
         figures = link.figures(slot.page) if slot.pid is not None else \
@@ -636,7 +726,7 @@ class Supervisor:
                 slot.base_rss = rss
         beat = max(slot.started, figures["beat_ns"] / 1e9)
         row = {"worker": slot.n, "pid": slot.pid, "cpu": slot.cpu, "port": slot.port,
-               "up": slot.pid is not None,
+               "up": slot.pid is not None, "healthy": self.healthy(slot, now),
                "heartbeat_age": round(now - beat, 3) if slot.pid is not None else None}
         for name in ROW_GAUGES:
             row[name] = figures[name]
@@ -738,6 +828,75 @@ class Router:
             slot.outbox.put(data)
         self.messages_in += 1
         return (ms, seq), None
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: GET /metrics in the Prometheus text format, from the same figures as /stats
+# ---------------------------------------------------------------------------------------------
+
+METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+# Per worker, labelled worker="n": (name, type, field of a /stats worker row, help). SPEC's
+# names, then ours. Counters are /stats's: a dead process's last figures are carried over, so
+# none goes down across a restart.
+WORKER_METRICS = (
+    ("megacomet_connections", "gauge", "connections", "Open client connections."),
+    ("megacomet_waiting", "gauge", "waiting", "Polls and streams waiting for a message."),
+    ("megacomet_streams", "gauge", "streams", "Server-Sent Events streams (part of waiting)."),
+    ("megacomet_queued_messages", "gauge", "queued_messages",
+     "Messages kept in the ids' histories, delivered or not."),
+    ("megacomet_queued_bytes", "gauge", "queued_bytes", "Bytes of the kept messages."),
+    ("megacomet_rss_bytes", "gauge", "rss_bytes", "Resident memory of the worker process."),
+    ("megacomet_up", "gauge", "healthy",
+     "1 if the worker is up as /healthz says (alive, linked, heartbeat fresh, not draining)."),
+    ("megacomet_accepted_total", "counter", "accepted", "Client connections accepted."),
+    ("megacomet_delivered_total", "counter", "delivered",
+     "Answers and stream events that carried a message."),
+    ("megacomet_expired_total", "counter", "expired", "Kept messages evicted by --queue-ttl."),
+    ("megacomet_dropped_total", "counter", "dropped",
+     "Kept messages evicted by --queue-max or --queue-bytes."),
+    ("megacomet_rejected_total", "counter", "rejected",
+     "Requests answered with an error status, or closed before a whole request head."),
+    ("megacomet_restarts_total", "counter", "restarts", "Times the worker was restarted."),
+    ("megacomet_undelivered", "gauge", "undelivered", "Kept messages no client has had."),
+    ("megacomet_outbox_bytes", "gauge", "outbox_bytes",
+     "Bytes accepted for the worker that it has not acted on yet."),
+    ("megacomet_lost_total", "counter", "lost",
+     "Messages no client had had, held by a worker process when it died."),
+    ("megacomet_expired_undelivered_total", "counter", "expired_undelivered",
+     "Messages that reached --queue-ttl before any client had them."),
+    ("megacomet_dropped_undelivered_total", "counter", "dropped_undelivered",
+     "Messages evicted by the bounds before any client had them."),
+    ("megacomet_refused_no_watch_total", "counter", "refused_no_watch",
+     "Connections refused because epoll could not watch one more fd."),
+)
+CLOSE_CAUSES = tuple(f[len("closed_"):] for f in link.COUNTERS if f.startswith("closed_"))
+# The manager's own: (name, type, field of /stats "manager", help).
+MANAGER_METRICS = (
+    ("megacomet_messages_in_total", "counter", "messages_in",
+     "Messages accepted on the app port (one per id of an ids line)."),
+    ("megacomet_app_rejected_total", "counter", "app_rejected",
+     "App frames, lines and requests refused."),
+    ("megacomet_app_connections", "gauge", "app_connections", "Open app-port connections."),
+    ("megacomet_draining", "gauge", "draining", "1 from SIGTERM (or SIGINT) until the exit."),
+)
+
+
+def metrics_text(stats: dict) -> bytes:
+    """The Prometheus text exposition format (0.0.4) of a /stats answer."""
+    lines = []
+    workers = stats["workers"]
+    for name, kind, field, doc in WORKER_METRICS:
+        lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{worker="{w["worker"]}"}} {int(w[field])}' for w in workers]
+    name = "megacomet_closed_total"
+    lines += [f"# HELP {name} Connections closed unanswered, by cause (README, /stats).",
+              f"# TYPE {name} counter"]
+    lines += [f'{name}{{worker="{w["worker"]}",cause="{cause}"}} {w["closed_" + cause]}'
+              for w in workers for cause in CLOSE_CAUSES]
+    for name, kind, field, doc in MANAGER_METRICS:
+        lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}",
+                  f"{name} {int(stats['manager'][field])}"]
+    return ("\n".join(lines) + "\n").encode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -861,8 +1020,35 @@ class AppServer:
                         "app_connections": self.app_connections,
                         "outbox_messages": sum(len(sl.outbox.unsent) for sl in
                                                self.supervisor.slots),
-                        "paused": sorted(self.flow.reasons)}
+                        "paused": sorted(self.flow.reasons),
+                        "draining": self.supervisor.stopping}
         return s
+
+    def get(self, req, keep: bool):
+        """GET /stats, /metrics and /healthz, answered from the pages (no worker is asked);
+        None for any other request, and for one without the token (http_action says 401).
+        /healthz needs no token: it tells nothing but up or down (SPEC)."""
+        if req.method != b"GET":
+            return None
+        path = req.path
+        if path == b"/healthz":
+            now = time.monotonic()
+            sup = self.supervisor
+            down = [slot.n for slot in sup.slots if not sup.healthy(slot, now)]
+            if not down:
+                return http_reply(200, {"ok": True}, keep)
+            body = {"ok": False, "down": down}
+            if sup.stopping:
+                body["draining"] = True
+            return http_reply(503, body, keep)
+        if path not in (b"/stats", b"/metrics") or not self.authorized(req):
+            return None
+        if path == b"/stats":
+            return http_reply(200, self.stats(), keep)
+        data = metrics_text(self.stats())
+        return b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n" \
+            b"Connection: %s\r\n\r\n%s" % (METRICS_TYPE, len(data),
+                                            b"keep-alive" if keep else b"close", data)
 
     async def app_connection(self, reader, writer) -> None:
         """JSON lines and HTTP, as a stream (AppProtocol hands them over)."""
@@ -1062,8 +1248,8 @@ class AppServer:
                     used += pos
                     if length and len(buf) < used + length and not continued and \
                             req.headers.get(b"expect", b"").lower() == b"100-continue":
-                        stats = req.path == b"/stats" and req.method == b"GET"
-                        refused = None if stats else self.http_action(req, None, False)
+                        read_only = req.method == b"GET" and req.path in GET_PATHS
+                        refused = None if read_only else self.http_action(req, None, False)
                         if refused is not None:  # no body wanted: refuse before it is sent
                             out.append(refused)
                             return
@@ -1086,10 +1272,8 @@ class AppServer:
                 conn = req.headers.get(b"connection", b"").lower()
                 keep = b"close" not in conn if req.version == b"HTTP/1.1" else \
                     b"keep-alive" in conn
-                if req.path == b"/stats" and req.method == b"GET" and self.authorized(req):
-                    out.append(http_reply(200, self.stats(), keep))
-                else:
-                    out.append(self.http_action(req, body, keep))
+                reply = self.get(req, keep)
+                out.append(reply if reply is not None else self.http_action(req, body, keep))
                 if not keep:
                     return
                 if not first and len(buf) > pos and self.gated():  # the next ones wait
@@ -1127,11 +1311,13 @@ class AppServer:
                                                                    token.encode())
 
     def http_action(self, req, body, keep: bool):
-        """Act on one whole request (but GET /stats); returns the whole response. With body
-        None it only checks: the refusal, or None if the request would be taken."""
+        """Act on one whole request (but those get() answers); returns the whole response.
+        With body None it only checks: the refusal, or None if the request would be taken."""
         def no(status, why):
             self.app_rejected += 1
             return http_reply(status, {"ok": False, "error": why}, keep)
+        if req.path == b"/healthz":  # open to all, GET only
+            return no(405, "use GET")
         if not self.authorized(req):
             return no(401, "Authorization: Bearer <token> required")
         path = req.path
@@ -1153,9 +1339,9 @@ class AppServer:
                 return http_reply(503, {"ok": False, "error": refused}, keep,
                                   b"Retry-After: 1\r\n")
             return accepted_reply(mid, keep)
-        if path == b"/stats":
+        if path in GET_PATHS:
             return no(405, "use GET")
-        return no(404, "POST /send/<id>, POST /broadcast, GET /stats")
+        return no(404, "POST /send/<id>, POST /broadcast, GET /stats, /metrics or /healthz")
 
     async def status_lines(self) -> None:
         interval = self.opts.status_interval
@@ -1198,8 +1384,8 @@ async def run(opts) -> int:
     except OSError as e:
         sys.exit(bind_error("app port", opts.app_host, opts.app_port,
                             "--app-host, --app-port", e, opts))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, supervisor.stop)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # both drain; a second one hurries it
+        loop.add_signal_handler(sig, supervisor.stop, sig.name)
     loop.add_signal_handler(signal.SIGCHLD, supervisor.reap)
     loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
     supervisor.reconcile()  # the first pass spawns every worker
@@ -1291,6 +1477,9 @@ def parse_args(argv=None):
     p.add_argument("--subscriber-key-file", metavar="F", default=None,
                    help="every poll and stream must carry exp and sig, signed with a key of "
                         "this file (one a line); SIGHUP reads it again")
+    p.add_argument("--drain", type=options.non_negative, default=2.0,
+                   help="SIGTERM: seconds over which the workers answer their waiting polls "
+                        "204 and end their streams before exiting (0: all at once)")
     opts = p.parse_args(argv)
     last = opts.base_port + opts.workers - 1
     if last > 65535:

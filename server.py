@@ -6,7 +6,8 @@ restarted worker serves the same port and connections that arrive meanwhile wait
 backlog; its link to the manager (fd 4), a UNIX stream socket carrying app messages in; and
 its page (fd 5), shared memory where it keeps its counters, its acknowledgement of the link
 frames it has acted on and its heartbeat, all read by the manager (link.py). The worker exits
-when the link closes.
+when the link closes. SIGTERM drains it: it stops listening, answers every waiting poll `204`
+and ends every stream, spread over --drain seconds, then exits (Worker.start_drain).
 
 Theory of operation
 -------------------
@@ -80,6 +81,7 @@ import sys
 import time
 from binascii import hexlify
 from collections import deque
+from itertools import islice
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -171,6 +173,10 @@ NEWLINE_RE = re.compile(rb"\r\n|\r|\n")  # where an SSE message is cut into data
 REPLAY_CHUNK = 64 * 1024  # a stream's replay is read from history about this much at a time
 SSE_RETRY = b"retry: 2000\n\n"  # EventSource reconnects after 2 s (SPEC)
 HEARTBEAT = b":\n"  # an SSE comment line: keeps proxies from closing an idle stream
+# A drain (SIGTERM) ends the waiting connections in slices this far apart, each its share of
+# --drain, so that clients come back spread over time rather than in the same millisecond.
+DRAIN_SLICE = 0.02
+DRAIN_FLUSH = 1.0  # after --drain, answers still being written get this long; then the exit
 
 # Connection states that are not "waiting on an id" (a waiting fd's state is its id, bytes).
 READING, WRITING, LINGER = 1, 2, 3
@@ -802,7 +808,7 @@ def trusted_peer(fd: int, trusted: tuple) -> bool:
 
 
 class Worker:
-    def __init__(self, opts, listener: socket.socket, link_fd: int, page=None):
+    def __init__(self, opts, listener: socket.socket, link_fd: int, page=None, wake_fd=None):
         self.n = opts.worker
         self.workers = opts.workers
         self.base_port = opts.base_port
@@ -812,6 +818,7 @@ class Worker:
         self.poll_timeout = opts.poll_timeout
         self.header_timeout = opts.header_timeout
         self.write_timeout = opts.write_timeout
+        self.drain = opts.drain
         # The loop passes at least this often, idle or not: each pass is a heartbeat.
         self.beat_interval = min(BEAT_INTERVAL, opts.worker_timeout / 4)
         cors = (b"Access-Control-Allow-Origin: %s\r\nAccess-Control-Expose-Headers: "
@@ -832,6 +839,7 @@ class Worker:
         self.keepalive = listener.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
         self.family = listener.family
         self.link_fd = link_fd
+        self.wake_fd = wake_fd  # signals arrive here as bytes (signal.set_wakeup_fd), or None
         self.epoll = select.epoll()
         # Figures and counters live in the page the manager reads (link.py); without a
         # manager (a profile, a test) in a private buffer.
@@ -872,6 +880,10 @@ class Worker:
         self.reload_keys = False
         if self.key_file is not None:
             self.load_keys()
+
+        self.draining = False  # SIGTERM came: no more accepts, waiting connections ended
+        self.drain_last = self.drain_end = 0.0  # the last slice, and when all must be ended
+        self.drain_due = 0.0  # connections due to be ended that are not yet
 
     # -- subscriber keys ---------------------------------------------------------------------
 
@@ -1565,6 +1577,96 @@ class Worker:
                     if not k % BEAT_EVERY:
                         self.count[BEAT_NS] = time.monotonic_ns()
 
+    # -- draining (SIGTERM) ------------------------------------------------------------------
+
+    def read_signals(self) -> None:
+        """The bytes signal.set_wakeup_fd queued, one per signal caught: SIGTERM drains."""
+        got = b""
+        while True:
+            try:
+                chunk = os.read(self.wake_fd, 64)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        if signal.SIGTERM in got:
+            self.start_drain()
+
+    def start_drain(self) -> None:
+        """Stop taking connections; from now on each loop pass ends its share of the waiting
+        ones (drain_pass) and the worker exits when none is left (drained). A second SIGTERM
+        ends the rest at once."""
+        now = time.monotonic()
+        if self.draining:
+            self.drain_end = now
+            return
+        self.draining = True
+        self.drain_last, self.drain_end = now, now + self.drain
+        # What the kernel queued before now came with its request (TCP_DEFER_ACCEPT): take it
+        # all, to answer it, rather than leave it to be reset when the listener goes.
+        self.accept_hot = True
+        while self.accept_hot:
+            self.accept()
+            self.count[BEAT_NS] = time.monotonic_ns()
+        self.accept_paused_until = 0.0
+        self.epoll.unregister(self.listen_fd)
+        # shutdown(), not close(): the manager holds a copy of this socket, and shutdown stops
+        # the socket behind every copy. New connects are refused at once (the SYN gets a
+        # reset) instead of waiting in a backlog nobody accepts from, to be reset at exit.
+        try:
+            self.listener.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # not listening already
+
+    def drain_pass(self, now: float) -> float:
+        """One slice of the drain: end the share of the waiting connections that the time
+        since the last slice is of the time left, all of them once --drain is over. Returns
+        when the loop must pass again."""
+        left = self.count[WAITING]
+        if left:
+            if now >= self.drain_end:
+                share = left
+            else:  # the fraction of a connection left over waits for the next slice
+                self.drain_due += left * (now - self.drain_last) / (self.drain_end -
+                                                                     self.drain_last)
+                share = int(self.drain_due)
+                self.drain_due -= share
+            self.drain_last = now
+            if share:
+                self.end_waiting(share)
+        if now >= self.drain_end:
+            for fd in list(self.reading):  # no whole request in all this time: not answered
+                self.close(fd)
+        if self.count[WAITING]:
+            return min(now + DRAIN_SLICE, self.drain_end)
+        return max(now, self.drain_end) + DRAIN_FLUSH
+
+    def end_waiting(self, share: int) -> None:
+        """End the connections of the first `share` ids in waiting order: a poll gets `204`
+        (as at --poll-timeout: it polls again), a stream is closed after what it was being
+        sent (its EventSource reconnects with Last-Event-ID). Never a reset: nothing is
+        left unread on a waiting connection but what discard() drops."""
+        no_content = response_head(204, 0, TEXT, self.tail)
+        waiters, count = self.waiters, self.count
+        k = 0
+        for id_ in list(islice(waiters, share)):
+            w = waiters.get(id_)
+            if w is None:
+                continue
+            for fd in [w] if w.__class__ is int else list(w):
+                if self.is_stream[fd]:
+                    self.end_stream(fd, b"")
+                else:
+                    self.answer(fd, no_content)
+                k += 1
+                if not k % BEAT_EVERY:
+                    count[BEAT_NS] = time.monotonic_ns()
+
+    def drained(self, now: float) -> bool:
+        """Nothing left to answer or flush, or the last of the time is up."""
+        return not self.count[CONNECTIONS] or now >= self.drain_end + DRAIN_FLUSH
+
     # -- the manager link --------------------------------------------------------------------
 
     def read_link(self) -> bool:
@@ -1637,6 +1739,8 @@ class Worker:
             nxt.append(self.next_heartbeat)
         else:
             self.next_heartbeat = now + self.sse_heartbeat  # the first comes a period after
+        if self.draining:
+            nxt.append(self.drain_pass(now))
         if self.accept_paused_until:
             if self.accept_paused_until <= now:
                 self.accept_paused_until = 0.0
@@ -1652,9 +1756,11 @@ class Worker:
         epoll = self.epoll
         state = self.state
         count = self.count
-        listen_fd, link_fd = self.listen_fd, self.link_fd
+        listen_fd, link_fd, wake_fd = self.listen_fd, self.link_fd, self.wake_fd
         epoll.register(listen_fd, select.EPOLLIN | select.EPOLLET)
         epoll.register(link_fd, select.EPOLLIN | select.EPOLLET)
+        if wake_fd is not None:
+            epoll.register(wake_fd, select.EPOLLIN | select.EPOLLET)
         timeout = 0
         while True:
             count[BEAT_NS] = time.monotonic_ns()  # the heartbeat the manager watches
@@ -1666,12 +1772,16 @@ class Worker:
                 timeout = 0
             events = epoll.poll(timeout, 1024)
             link_ready = self.link_hot
+            signalled = False
             for fd, ev in events:
                 if fd == listen_fd:
                     self.accept_hot = True
                     continue
                 if fd == link_fd:
                     link_ready = True
+                    continue
+                if fd == wake_fd:
+                    signalled = True
                     continue
                 s = state[fd]
                 if s is None:
@@ -1692,9 +1802,14 @@ class Worker:
             # for it), and accepts last (an fd closed above may be reused by accept).
             if link_ready and not self.read_link():
                 return
+            if signalled:
+                self.read_signals()
             if self.accept_hot:
                 self.accept()
-            timeout = self.sweep(time.monotonic())
+            now = time.monotonic()
+            timeout = self.sweep(now)
+            if self.draining and self.drained(now):
+                return
 
 
 def due(table: dict, now: float, nxt: list) -> list:
@@ -1794,6 +1909,8 @@ def parse_args(argv=None):
     p.add_argument("--subscriber-key-file", default=None,
                    help="polls and streams must be signed by a key of this file (SIGHUP: read "
                         "it again)")
+    p.add_argument("--drain", type=options.non_negative, default=2.0,
+                   help="SIGTERM: seconds over which waiting connections are ended")
     p.add_argument("--listen-fd", type=options.non_negative_int, default=LISTEN_FD)
     p.add_argument("--link-fd", type=options.non_negative_int, default=LINK_FD)
     p.add_argument("--page-fd", type=options.non_negative_int, default=PAGE_FD)
@@ -1814,7 +1931,12 @@ def main(argv=None) -> int:
         log(f"worker {opts.worker}: cannot use the inherited sockets and page ({e}); "
             "server.py is started by manager.py")
         return EXIT_BOOT_ERROR
-    worker = Worker(opts, listener, opts.link_fd, page)
+    # SIGTERM drains (Worker.start_drain). The handler does nothing: set_wakeup_fd queues the
+    # signal's number on a pipe the loop watches, so the loop does the work.
+    wake, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    worker = Worker(opts, listener, opts.link_fd, page, wake)
 
     def on_hup(signum, frame):  # only a flag: the loop reads the key file (Worker.run)
         worker.reload_keys = True
