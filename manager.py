@@ -221,9 +221,8 @@ class Flow:
         if not self.reasons and not self.open.is_set():
             self.open.set()
             paused, self.paused = self.paused, set()
-            loop = asyncio.get_running_loop()
             for protocol in paused:  # not now: this may be inside a flush of the outboxes
-                loop.call_soon(protocol.resume)
+                asyncio.get_running_loop().call_soon(protocol.resume)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -953,25 +952,30 @@ class AppProtocol(asyncio.BufferedProtocol):
 
     def route(self) -> None:
         """Route the whole frames in hand, up to the gate; read on, or wait for the gate."""
-        supervisor = self.app.supervisor
-        supervisor.batching = True
-        try:
-            used, gated, why = self.app.binary_frames(self.buf, self.first)
-        finally:
-            supervisor.batching = False
-            if supervisor.flushing:
-                supervisor.flush()
-        self.first = False
-        if why is not None:
-            self.app.app_error_bare(why)
-            self.buf = b""
-            self.transport.close()
-            return
-        self.buf = self.buf[used:]
+        supervisor, flow = self.app.supervisor, self.app.flow
+        while True:
+            supervisor.batching = True
+            try:
+                used, gated, why = self.app.binary_frames(self.buf, self.first)
+            finally:
+                supervisor.batching = False
+                if supervisor.flushing:
+                    supervisor.flush()  # (its acks may open the gate again: see below)
+            self.first = False
+            if why is not None:
+                self.app.app_error_bare(why)
+                self.buf = b""
+                self.transport.close()
+                return
+            self.buf = self.buf[used:]
+            if not flow.open.is_set() or not gated:
+                break
+            # The gate was closed at a frame and opened by the flush's acks: nobody would
+            # resume us, so the frames left are routed now.
         # Held between messages, never inside one (AppServer.read_more says why).
-        if gated or (not self.buf and not self.app.flow.open.is_set()):
+        if not flow.open.is_set() and (gated or not self.buf):
             self.transport.pause_reading()
-            self.app.flow.paused.add(self)
+            flow.paused.add(self)
 
     def resume(self) -> None:
         if self.transport.is_closing():
@@ -1388,6 +1392,7 @@ async def run(opts) -> int:
         loop.add_signal_handler(sig, supervisor.stop, sig.name)
     loop.add_signal_handler(signal.SIGCHLD, supervisor.reap)
     loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # (blocked in main)
     supervisor.reconcile()  # the first pass spawns every worker
     log(f"megacomet: {opts.workers} workers on {opts.host}:{opts.base_port}-"
         f"{opts.base_port + opts.workers - 1}, app port {opts.app_host}:{opts.app_port}, "
@@ -1505,6 +1510,9 @@ def same_address(a: str, b: str) -> bool:
 
 
 def main(argv=None) -> int:
+    # SIGHUP's default action ends a process: until run() has its handler, one sent by a
+    # reload right after the start (systemctl start; systemctl reload) waits instead.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     opts = parse_args(argv)
     if opts.subscriber_key_file is not None:
         # Absolute: the workers read it (at start, on SIGHUP) whatever their directory.

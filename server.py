@@ -870,6 +870,7 @@ class Worker:
         self.link_in = b""
         self.link_read = 0  # link bytes read, in all; those not in link_in were acted on
         self.link_hot = False  # the link had more to read when the per-turn cap stopped us
+        self.link_hup = False  # epoll saw the manager's end close: read the link to its EOF
         self.accept_hot = False  # same for the listener
         self.accept_paused_until = 0.0  # EMFILE and friends: listener unwatched until then
         self.last_limit_log: dict = {}  # limit name -> when it was last logged
@@ -1684,9 +1685,10 @@ class Worker:
             self.link_read += len(chunk)
             self.handle_frames(self.link_in + chunk if self.link_in else chunk)
             self.count[BEAT_NS] = time.monotonic_ns()
-            if len(chunk) < LINK_READ_SIZE:
+            if len(chunk) < LINK_READ_SIZE and not self.link_hup:
                 # Drained: what the manager writes next comes with a new edge. Stopping here
-                # saves the read that would only say EAGAIN, one per message when paced.
+                # saves the read that would only say EAGAIN, one per message when paced. (A
+                # hang-up that came with this edge brings no other: it is read to the EOF.)
                 self.link_hot = False
                 return True
         self.link_hot = True
@@ -1758,7 +1760,7 @@ class Worker:
         count = self.count
         listen_fd, link_fd, wake_fd = self.listen_fd, self.link_fd, self.wake_fd
         epoll.register(listen_fd, select.EPOLLIN | select.EPOLLET)
-        epoll.register(link_fd, select.EPOLLIN | select.EPOLLET)
+        epoll.register(link_fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
         if wake_fd is not None:
             epoll.register(wake_fd, select.EPOLLIN | select.EPOLLET)
         timeout = 0
@@ -1779,6 +1781,8 @@ class Worker:
                     continue
                 if fd == link_fd:
                     link_ready = True
+                    if ev & HANGUP:
+                        self.link_hup = True
                     continue
                 if fd == wake_fd:
                     signalled = True

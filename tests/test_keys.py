@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -599,3 +600,35 @@ def test_client_refuses_a_bad_key_file(tmp_path):
 def test_systemctl_reload_sends_the_manager_sighup():
     unit = (ROOT / "tuning/megacomet.service").read_text()
     assert "\nExecReload=/bin/kill -HUP $MAINPID\n" in unit
+
+
+def test_a_sighup_while_the_manager_starts_is_a_reload_not_its_end(tmp_path):
+    """Found in review: SIGHUP's default action ended a manager that had not installed its
+    handler yet (systemctl start, then at once systemctl reload). Sent as soon as main() has
+    printed its first line, long before the ports are open and the handler is in place.
+    (Within the interpreter's own start-up, before main(), it still ends it: README.)"""
+    key_file = tmp_path / "keys"
+    key_file.write_text("a-key-long-enough-to-be-quiet\n")
+    base, app = free_port_block(2), free_port_block(1)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "manager.py"), "--workers", "2", "--host", "127.0.0.1",
+         "--base-port", str(base), "--app-port", str(app), "--status-interval", "0",
+         "--subscriber-key-file", str(key_file)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert "subscriber keys read" in first, first
+        proc.send_signal(signal.SIGHUP)
+        lines: list = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()  # (select() on a text pipe misses lines already in its buffer)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None and \
+                not any("SIGHUP:" in x for x in lines):
+            time.sleep(0.05)
+        assert proc.poll() is None, f"manager ended by SIGHUP: exit {proc.returncode}"
+        assert any("SIGHUP: 1 subscriber keys read" in x for x in lines), lines
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert proc.returncode == 0, lines

@@ -662,3 +662,59 @@ def test_polls_are_corked_and_streams_are_not(thread_worker):
     finally:
         poll.close()
         stream.close()
+
+
+def test_a_gate_opened_by_the_flush_of_a_gated_read_does_not_strand_its_frames(manager_factory):
+    """Found in review: a binary read routed one frame past the closed gate, held the next,
+    and its own flush's acks opened the gate; pausing after that left the held frames (and
+    the connection) stranded, as nobody would resume it. The manager is stopped so that the
+    worker catches up and the read is taken before the manager's 10 ms ack poll."""
+    m = manager_factory("--queue-bytes", "200000", "--worker-timeout", "60")
+    pid0 = worker_pids(m)[0]
+    w0 = id_for(0, "strand")
+    with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as pub:
+        pub.sendall(binary([w0], b"m0"))
+        wait_total(m, "queued_messages", 1)
+        os.kill(pid0, signal.SIGSTOP)
+        try:
+            for id_ in ids_for(0, 3, "fill"):
+                with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as s:
+                    assert http_publish(s, id_, b"y" * 60_000)[0] == 202
+            assert m.stats()["manager"]["paused"] == [0]
+            os.kill(m.proc.pid, signal.SIGSTOP)
+            try:
+                os.kill(pid0, signal.SIGCONT)
+                time.sleep(0.5)  # worker 0 acts on its link; the manager cannot see it yet
+                pub.sendall(binary([w0], b"m1") + binary([w0], b"m2"))
+                time.sleep(0.1)
+            finally:
+                os.kill(m.proc.pid, signal.SIGCONT)
+        finally:
+            os.kill(pid0, signal.SIGCONT)
+        time.sleep(0.3)
+        pub.sendall(binary([w0], b"m3"))
+        wait_until(lambda: m.stats()["workers"][0]["queued_messages"] == 7, 5,
+                   what="all 4 frames of the binary publisher and the 3 fills routed")
+
+
+def test_a_worker_exits_when_its_manager_dies_right_after_a_write(manager_factory):
+    """Found in review: frames and the link's hang-up seen in one edge; the worker stops
+    reading the link at a short read, and must still read on to the EOF and exit (SPEC),
+    else it serves its port forever with nobody to publish."""
+    m = manager_factory(workers=1)
+    pid = worker_pids(m)[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as pub:
+            pub.sendall(binary(["orphan"], b"last words"))
+            time.sleep(0.3)
+        os.kill(m.proc.pid, signal.SIGKILL)
+        m.proc.wait(5)
+        time.sleep(0.2)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    try:
+        wait_until(lambda: not alive(pid), 5, what="the orphaned worker to exit")
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
