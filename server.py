@@ -1366,13 +1366,14 @@ class Worker:
         if self.count[QUEUED_BYTES] > store.max_bytes:
             store.trim(now)
 
-    def to_waiters(self, id_: bytes, mid: bytes, message: bytes, msg) -> int:
+    def to_waiters(self, id_: bytes, mid: bytes, message: bytes, msg, plain=None) -> int:
         """Answer every poll waiting on id_, write to every stream; returns how many had it
         whole now (a stream that is behind counts it when written). `msg`: the kept Message,
-        None for a broadcast."""
+        None for a broadcast. `plain`: the answer to a poll without callback or gap, when the
+        caller has it (a broadcast makes it once for every id)."""
         w = self.waiters[id_]
         sent = 0
-        plain = event = None
+        event = None
         for fd in [w] if w.__class__ is int else list(w):
             if self.is_stream[fd]:
                 if event is None:
@@ -1392,9 +1393,10 @@ class Worker:
     def broadcast(self, mid: bytes, message: bytes) -> None:
         """To every poll and stream waiting at this moment; kept in no history (SPEC)."""
         count = self.count
+        plain = self.message_response(message, mid, None, False)
         for k, id_ in enumerate(list(self.waiters)):
             if id_ in self.waiters:  # (a stream pushed out above may have been its last)
-                count[DELIVERED] += self.to_waiters(id_, mid, message, None)
+                count[DELIVERED] += self.to_waiters(id_, mid, message, None, plain)
             if not k % BEAT_EVERY:  # 500,000 answers take seconds: still alive
                 count[BEAT_NS] = time.monotonic_ns()
 
