@@ -144,8 +144,8 @@ class Server:
 
     def __init__(self, impl: str):
         self.impl = impl
-        self.port = free_port_block(1)
-        self.app_port = free_port_block(1)
+        self.port = free_port_block(2)
+        self.app_port = self.port + 1
         self.log = tempfile.TemporaryFile()
         if impl == "project":
             cmd = [sys.executable, str(ROOT / "manager.py"), "--workers", "1",

@@ -111,8 +111,8 @@ def run(a) -> dict:
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     per_worker = nofile - PER_WORKER_SPARE
     workers = a.workers or math.ceil(a.target / per_worker)
-    base_port = free_port_block(workers)
-    app_port = free_port_block(1)
+    base_port = free_port_block(workers + 1)  # the app port right after the comet ports
+    app_port = base_port + workers
     deadline = time.monotonic() + a.max_time
     result = {"bench": "million", "machine": machine(), "host": socket.gethostname(),
               "target": a.target, "workers": workers, "nofile": nofile,

@@ -110,8 +110,8 @@ class Cluster:
         self.proc = None
         self.log = tempfile.TemporaryFile()
         for _ in range(5):  # a port drawn free may be taken before we bind it (a shared box)
-            self.base_port = free_port_block(workers)
-            self.app_port = free_port_block(1)
+            self.base_port = free_port_block(workers + 1)  # the app port right after
+            self.app_port = self.base_port + workers
             if impl == "project":
                 cmd = [sys.executable, str(ROOT / "manager.py"), "--status-interval", "0"]
             else:

@@ -34,8 +34,9 @@ class Manager:
             def limit():
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         for _ in range(5):  # another test may take the drawn ports between check and bind
-            self.base_port = free_port_block(workers)
-            self.app_port = free_port_block(1)
+            # One block: the app port right after the comet ports, never inside them.
+            self.base_port = free_port_block(workers + 1)
+            self.app_port = self.base_port + workers
             cmd = [sys.executable, str(ROOT / "manager.py"), "--host", "127.0.0.1",
                    "--workers", str(workers), "--base-port", str(self.base_port),
                    "--app-port", str(self.app_port), "--status-interval", "0", *args]

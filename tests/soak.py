@@ -777,8 +777,8 @@ class Soak:
         self.watchdog = self.manager_has("--worker-timeout")
         extra = ["--worker-timeout", str(WORKER_TIMEOUT)] if self.watchdog else []
         for _ in range(5):  # another program may take the drawn ports between check and bind
-            self.base_port = free_port_block(WORKERS)
-            self.app_port = free_port_block(1)
+            self.base_port = free_port_block(WORKERS + 1)  # the app port right after
+            self.app_port = self.base_port + WORKERS
             cmd = [sys.executable, str(ROOT / "manager.py"), "--host", "127.0.0.1",
                    "--workers", str(WORKERS), "--base-port", str(self.base_port),
                    "--app-port", str(self.app_port), "--queue-ttl", str(QUEUE_TTL),

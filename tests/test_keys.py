@@ -290,7 +290,8 @@ def test_unreadable_key_files(tmp_path):
 
 
 def start_manager(*args: str) -> subprocess.CompletedProcess:
-    base, app = free_port_block(2), free_port_block(1)
+    base = free_port_block(3)
+    app = base + 2
     return subprocess.run([sys.executable, str(ROOT / "manager.py"), "--host", "127.0.0.1",
                            "--workers", "2", "--base-port", str(base), "--app-port", str(app),
                            "--status-interval", "0", *args],
@@ -614,7 +615,8 @@ def test_a_sighup_while_the_manager_starts_is_a_reload_not_its_end(tmp_path):
     (Within the interpreter's own start-up, before main(), it still ends it: README.)"""
     key_file = tmp_path / "keys"
     key_file.write_text("a-key-long-enough-to-be-quiet\n")
-    base, app = free_port_block(2), free_port_block(1)
+    base = free_port_block(3)
+    app = base + 2
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "manager.py"), "--workers", "2", "--host", "127.0.0.1",
          "--base-port", str(base), "--app-port", str(app), "--status-interval", "0",

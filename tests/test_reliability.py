@@ -371,7 +371,8 @@ def test_a_failed_spawn_is_retried(monkeypatch):
     from conftest import free_port_block
 
     import manager
-    base, app = free_port_block(1), free_port_block(1)
+    base = free_port_block(2)
+    app = base + 1
     opts = manager.parse_args(["--host", "127.0.0.1", "--workers", "1", "--base-port",
                                str(base), "--app-port", str(app), "--status-interval", "0"])
     real, calls = os.posix_spawn, []
