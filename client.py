@@ -12,10 +12,10 @@ Theory of operation
 Processes. One parent and K children; nothing is shared between them. The parent plans, forks,
 aggregates and reports; the children do all the network work. Child k owns a contiguous block of
 ids, its own epoll, its own counters and its own latency histogram, and tells the parent about
-them through a pipe: one JSON line a second, and a last one (with the histogram) when told to
-stop. The parent merges by adding. No locks anywhere. There are K processes because one process
-holds at most RLIMIT_NOFILE sockets: the parent raises the soft limit to the hard one and splits
---conns so that every child stays FD_MARGIN under it.
+them through a pipe: one JSON line every REPORT_S (0.25 s), and a last one (with the histogram)
+when told to stop. The parent merges by adding. No locks anywhere. There are K processes because
+one process holds at most RLIMIT_NOFILE sockets: the parent raises the soft limit to the hard one
+and splits --conns so that every child stays FD_MARGIN under it.
 
 Source addresses. A TCP connection is the 4-tuple (source ip, source port, destination ip,
 destination port). Towards one destination ip:port one source address can hold at most as many
@@ -120,7 +120,9 @@ RETRY_MAX_S = 16.0          # at most this long, so a refusing server is not ham
 MAX_REDIRECTS = 1           # the SPEC's server redirects at most once (to the owner's port)
 RECV_SIZE = 65536           # one recv(); messages are at most 64 KiB (--max-message)
 MAX_EVENTS = 4096           # epoll events per loop turn
-TICK_S = 1.0                # progress / report period
+TICK_S = 1.0                # progress line period
+REPORT_S = 0.25             # a child's report period: the summary's time series samples at
+                            # this rate (a report is a few hundred bytes of JSON)
 STALL_S = 5.0               # the ramp is over when the open count has not grown for this long
 SERVER_CHECKS = 4           # at the ramp's end, ask the manager's /stats up to this often,
 SERVER_CHECK_GAP_S = 0.5    # this far apart, while it holds fewer connections than we opened
@@ -436,7 +438,7 @@ def _merged(how: str):
 
 @dataclass
 class Report:
-    """One child's counters as the parent sees them: sent once a second, and once more at the
+    """One child's counters as the parent sees them: sent every REPORT_S, and once more at the
     end with `final` set and the latency histogram. Each field declares how the parent adds
     it up (`merge`); nothing is added by guessing from its type."""
 
@@ -949,11 +951,11 @@ class Child:
 
     def run(self) -> None:
         self.ep.register(self.ctrl_fd, select.EPOLLIN)
-        next_tick = time.monotonic() + TICK_S
+        next_tick = time.monotonic() + REPORT_S
         while not self.stop:
             now = time.monotonic()
             self.start_connects(now)
-            wait = min(next_tick - now, TICK_S)
+            wait = min(next_tick - now, REPORT_S)
             if self.sender is not None:
                 wait = min(wait, self.sender.wake_in(now))
             if self.ready or (self.next_new < self.n and self.connecting < MAX_CONNECTING):
@@ -989,7 +991,7 @@ class Child:
                 if self.sender is not None:
                     self.sender.check_timeout(now)
                 self.report()
-                next_tick = now + TICK_S
+                next_tick = now + REPORT_S
         self.report(final=True)
         # Abortive close (RST, SO_LINGER 0) for whatever is still open: no TIME_WAIT left on
         # this box to block the next run's ports for 60 s, and a quicker exit.
@@ -1533,6 +1535,15 @@ class Parent:
         self.overflows0 = listen_overflows() if cfg.loopback else None
         self.open_at_ramp_end = 0
         self.accepted0 = None  # the server's accepted count before we start: exact shortfall
+        # The ramp over time, one sample each REPORT_S (as often as the children report), for
+        # the summary's "series" and the --plot figure: seconds since the start, open, connecting,
+        # connects completed a second (re-polls included) since the sample before.
+        self.series: dict[str, list] = {"t": [0.0], "open": [0], "connecting": [0],
+                                        "connects_per_s": [0.0]}
+        self.sampled = (self.t_start, 0)    # (time, opened) of the last sample
+        self.grew_t = self.t_start          # the sample where the open count last grew
+        self.sampled_peak = 0
+        self.ramp_end_t: float | None = None
 
     def spawn(self) -> None:
         for k, (lo, hi) in enumerate(self.blocks):
@@ -1605,6 +1616,18 @@ class Parent:
             sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
+    def sample(self, t: Report, now: float) -> None:
+        then, opened = self.sampled
+        if now - then < 0.05:       # the final report right after a tick's: nothing new
+            return
+        if t.open > self.sampled_peak and self.ramp_end_t is None:
+            self.sampled_peak, self.grew_t = t.open, now    # where the figure's line bends
+        for name, value in (("t", round(now - self.t_start, 3)), ("open", t.open),
+                            ("connecting", t.connecting),
+                            ("connects_per_s", round((t.opened - opened) / (now - then), 1))):
+            self.series[name].append(value)
+        self.sampled = (now, t.opened)
+
     def run(self) -> dict:
         """Every pass (at most 0.2 s apart): read reports, then move the run along its phases:
         ramp -> (send) -> hold -> stop. Progress is printed once a second."""
@@ -1614,6 +1637,7 @@ class Parent:
         self.spawn()
         deadline = self.t_start + cfg.max_time
         next_tick = self.t_start + TICK_S
+        next_sample = self.t_start + REPORT_S
         peak = last_opened = 0
         grew_t = self.t_start
         ramp_end = None
@@ -1621,7 +1645,7 @@ class Parent:
         send_started = False
         while self.stop_reason is None:
             now = time.monotonic()
-            self.read_reports(max(0.0, min(next_tick - now, 0.2)))
+            self.read_reports(max(0.0, min(next_tick - now, next_sample - now, 0.2)))
             now = time.monotonic()
             if all(kid.eof for kid in self.kids):
                 self.stop_reason = self.stop_reason or "children exited"
@@ -1632,6 +1656,9 @@ class Parent:
             open_now = t.open
             if open_now > peak:
                 peak, grew_t = open_now, now
+            if now >= next_sample:
+                self.sample(t, now)
+                next_sample = max(next_sample + REPORT_S, now)
             if now >= next_tick:
                 opened = t.opened  # connects completed, re-polls included
                 self.progress(t, (opened - last_opened) / TICK_S, now)
@@ -1650,6 +1677,8 @@ class Parent:
                     # end, when the children may be closing.
                     self.server = self.check_server(open_now, t.opened)
                     self.open_at_ramp_end = open_now
+            if ramp_end is not None and self.ramp_end_t is None:
+                self.ramp_end_t = ramp_end
             if ramp_end is not None and cfg.send and not send_started:
                 send_started = True
                 t0_ns = time.monotonic_ns() + 50_000_000    # the same t0 for every child
@@ -1689,6 +1718,7 @@ class Parent:
         missing = [kid.k for kid in self.kids if not kid.final]
         t = Report.total(kid.final or kid.last for kid in self.kids if kid.final or kid.last)
         hist = t.hist or Histogram()
+        self.sample(t, time.monotonic())
         peak = max(peak, t.open)
         first, last = t.ramp_t0, t.last_first_open_t
         ids_opened = t.ids_opened
@@ -1744,6 +1774,17 @@ class Parent:
                          f"the end; their ids' messages wait in the server meanwhile: a longer "
                          f"--grace, or a paced --send-rate, would see them")
         summary["notes"] = notes
+        # What a figure needs (plots.py client_figure): the ramp over time, where it bent and
+        # why, and with --send the whole latency histogram.
+        since = lambda moment: round(moment - self.t_start, 3) if moment else None
+        summary["series"] = {"interval_s": REPORT_S, **self.series,
+                             "ramp_end_t": since(self.ramp_end_t),
+                             "send_start_t": since(self.send_t0_s)}
+        summary["stall"] = None
+        if summary["cause"]:
+            summary["stall"] = {"t": since(self.grew_t), "detected_t": since(self.ramp_end_t),
+                                "cause": summary["cause"]}
+        summary["latency_histogram"] = hist.to_json() if cfg.send else None
         return summary
 
 
@@ -1865,6 +1906,33 @@ def exit_status(s: dict) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def figure_path(text: str) -> str:
+    if not text.endswith((".svg", ".png")):
+        raise argparse.ArgumentTypeError(f"a figure is written as .svg or .png, got {text!r}")
+    return text
+
+
+def draw(summary: dict, path: str) -> None:
+    """--plot: the run's figure, drawn by plots.py beside this file. Drawing is optional (a
+    load box may have neither plots.py nor matplotlib): without them, one line on stderr
+    says what is missing, and the run's output, JSON and exit status are unchanged."""
+    later = "the run is not affected; `python plots.py FILE.json` draws it later from --json"
+    try:
+        import plots
+    except ModuleNotFoundError as e:
+        if e.name != "plots":
+            raise
+        print(f"client.py: --plot needs plots.py beside client.py (from the MegaComet "
+              f"repository); {later}", file=sys.stderr)
+        return
+    try:
+        print(f"  figure    {plots.client_figure(summary, path)}")
+    except plots.PlotUnavailable as e:
+        print(f"client.py: --plot: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"client.py: --plot {path}: {e.strerror}; {later}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="client.py",
@@ -1904,6 +1972,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app-host", default="127.0.0.1", help="the manager's app address")
     p.add_argument("--app-port", type=port, default=9000, help="the manager's app port (9000)")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON here")
+    p.add_argument("--plot", metavar="FILE", type=figure_path,
+                   help="after the run, draw its figure here (.svg or .png; needs matplotlib "
+                        "and plots.py beside client.py)")
     p.add_argument("--subscriber-key-file", metavar="F",
                    help="sign every poll with the first key of F, as the server's "
                         "--subscriber-key-file wants (valid for an hour from each request)")
@@ -1958,6 +2029,8 @@ def main(argv: list[str] | None = None) -> int:
             open(args.json, "a").close()
         except OSError as e:
             return fail(f"--json {args.json}: {e.strerror}")
+    if args.plot and not os.access(os.path.dirname(os.path.abspath(args.plot)), os.W_OK):
+        return fail(f"--plot {args.plot}: cannot write in its folder")
     nofile = raise_nofile()
     procs, warn_procs = plan_procs(args.conns, nofile, args.procs)
     counts = per_port_counts(prefix, args.conns, workers)
@@ -1988,6 +2061,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
             f.write("\n")
+    if args.plot:
+        draw(summary, args.plot)
     if summary["shortfalls"]:
         print("client.py: " + "; ".join(summary["shortfalls"]), file=sys.stderr)
     parent.reap()
