@@ -27,6 +27,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# `python plots.py FILE.json` runs plots.py as __main__ and imports this: share that module, or
+# a second copy's PlotUnavailable would not be the class its handler catches
+_main = sys.modules.get("__main__")
+if Path(getattr(_main, "__file__", None) or "/").resolve() == ROOT / "plots.py":
+    sys.modules.setdefault("plots", _main)
 import plots  # noqa: E402
 from plots import PlotUnavailable  # noqa: E402
 
@@ -108,7 +113,7 @@ def bench_latency(data: dict):
     """The paced runs' latency percentile curves, a panel per W; None when the JSON has no
     latency histograms (a run recorded before they were kept)."""
     plt = plots.pyplot()
-    paced = [r for r in _ok(data, "paced") if r.get("latency_hist")]
+    paced = [r for r in _ok(data, "paced") if r.get("latency_histogram")]
     ws = sorted({r["workers"] for r in paced})
     if not ws:
         return None
@@ -116,7 +121,7 @@ def bench_latency(data: dict):
     for ax, w in zip(axes[0], ws, strict=True):
         curves = {}
         for impl in _impls(data):
-            hists = [plots.histogram(r["latency_hist"]) for r in paced
+            hists = [plots.histogram(r["latency_histogram"]) for r in paced
                      if r["workers"] == w and r["impl"] == impl]
             if hists:
                 for h in hists[1:]:
@@ -160,17 +165,27 @@ def bench_broadcast(data: dict):
     return fig
 
 
-def bench_figures(data: dict, out_dir, stem: str | None = None) -> list:
-    """Every bench figure the JSON has the data for, as SVG files in out_dir; their paths."""
+def _target(out, stem: str | None, default: str) -> tuple:
+    """(folder, stem, suffix): `out` is a folder (the figures named after `stem`, default
+    `default`, as SVG) or a figure's path (plots.py's -o: its folder, name and format)."""
+    out = Path(out)
+    if out.suffix in (".svg", ".png"):
+        return out.parent, out.stem, out.suffix
+    return out, stem or default, ".svg"
+
+
+def bench_figures(data: dict, out, stem: str | None = None) -> list:
+    """Every bench figure the JSON has the data for, <stem>-bars, -latency and -broadcast in
+    the folder `out` (or named after the figure path `out`); their paths."""
     plt = plots.pyplot()
-    stem = stem or f"bench-{data.get('host', 'host')}"
-    out = []
+    folder, stem, suffix = _target(out, stem, f"bench-{data.get('host', 'host')}")
+    paths = []
     for name, build in (("bars", bench_bars), ("latency", bench_latency),
                         ("broadcast", bench_broadcast)):
         fig = build(data)
         if fig is not None:
-            out.append(_save(plt, fig, Path(out_dir) / f"{stem}-{name}.svg"))
-    return out
+            paths.append(_save(plt, fig, folder / f"{stem}-{name}{suffix}"))
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,10 +234,11 @@ def million_figure(data: dict):
     return fig
 
 
-def million_figures(data: dict, out_dir, stem: str | None = None) -> list:
+def million_figures(data: dict, out, stem: str | None = None) -> list:
+    """<stem>.svg in the folder `out`, or the figure path `out`; [its path]."""
     plt = plots.pyplot()
-    stem = stem or f"million-{data.get('host', 'host')}"
-    return [_save(plt, million_figure(data), Path(out_dir) / f"{stem}.svg")]
+    folder, stem, suffix = _target(out, stem, f"million-{data.get('host', 'host')}")
+    return [_save(plt, million_figure(data), folder / f"{stem}{suffix}")]
 
 
 # ---------------------------------------------------------------------------------------------

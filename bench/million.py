@@ -258,8 +258,8 @@ def run(a) -> dict:
         c = json.loads(Path(client_json).read_text())
         result["client"] = {k: c.get(k) for k in (
             "opened", "peak_open", "connect_rate", "ramp_s", "sent", "received", "lost",
-            "duplicates", "latency_ms", "latency_hist", "msgs_per_s", "other_messages", "cause",
-            "failed")}
+            "duplicates", "latency_ms", "latency_histogram", "msgs_per_s", "other_messages",
+            "cause", "failed")}
     except (OSError, ValueError):
         result["client"] = None
     return result

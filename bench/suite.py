@@ -340,7 +340,7 @@ def client_fields(c: dict) -> dict:
     return {"client_exit": c.get("exit_status"), "ids_opened": c.get("ids_opened"),
             "sent": c.get("sent"), "received": c.get("received"), "lost": c.get("lost"),
             "unsendable": c.get("unsendable"), "duplicates": c.get("duplicates"),
-            "latency_ms": lat, "latency_hist": c.get("latency_hist"),
+            "latency_ms": lat, "latency_histogram": c.get("latency_histogram"),
             "msgs_per_s": c.get("msgs_per_s"),
             "connect_rate": c.get("connect_rate"), "listen_overflows": c.get("listen_overflows"),
             "failed_total": c.get("failed_total"), "status": c.get("status")}

@@ -51,7 +51,9 @@ def test_suite_quick_reports_every_figure_for_every_implementation(tmp_path):
             assert [q for _, q in run["reach"]] == sorted(set(suite.REACH_SHARES))
             assert times == sorted(times) and times[0] >= 0
             assert times[-1] == pytest.approx(run["broadcast_s"], abs=1e-5)
-    for name in ("bars", "broadcast"):  # (latency: once client.py's summary has its histogram)
+        if run["scenario"] == "paced":  # the latency figure's data
+            assert run["latency_histogram"]["count"] == run["received"], run
+    for name in ("bars", "latency", "broadcast"):
         assert (tmp_path / f"bench-{name}.svg").stat().st_size > 1000, name
     assert "figures written: " in r.stdout
     assert r.stdout.startswith("machine: ")

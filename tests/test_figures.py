@@ -4,7 +4,7 @@ the benchmarks' last step prints it without failing. No timing.
 
 tests/data/bench-small.json: bench/results/bench-vm.json of a real `make bench` on the
 development box, trimmed to rounds 1-2 of memory, paced and broadcast, with what it predates
-added: each paced run a latency histogram (client.Histogram JSON, `latency_hist`) of 2,000
+added: each paced run a latency histogram (client.Histogram JSON, `latency_histogram`) of 2,000
 log-normal samples shaped by its recorded p50 and p99, each broadcast run the `reach` curve of
 a `suite.py --quick` run of the same implementation (asyncio: uvloop's) scaled to its
 broadcast_s. tests/data/million-small.json: million-vm.json (the 1,000,000 run), its series cut
@@ -12,6 +12,7 @@ to every 10th point, with `marks` and five flat points after the ramp added.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def test_latency_percentile_curves_one_line_per_implementation_a_panel_per_w():
         assert legend_labels(ax.get_legend()) == IMPLS
         for line, impl in zip(ax.get_lines(), IMPLS, strict=True):
             # the rounds' histograms merged: the curve's top is their largest sample
-            top = max(r["latency_hist"]["max"] for r in data["runs"]
+            top = max(r["latency_histogram"]["max"] for r in data["runs"]
                       if r["scenario"] == "paced" and r["workers"] == w and r["impl"] == impl)
             assert max(line.get_ydata()) == pytest.approx(top / 1000)
             assert line.get_color() == figures.COLOR[impl]
@@ -118,7 +119,7 @@ def test_broadcast_the_share_reached_over_time_of_each_median_round():
 def test_a_run_recorded_before_histograms_and_reach_gets_its_bars_only(tmp_path):
     data = load("bench-small.json")
     for r in data["runs"]:
-        r.pop("latency_hist", None)
+        r.pop("latency_histogram", None)
         r.pop("reach", None)
     assert figures.bench_latency(data) is None and figures.bench_broadcast(data) is None
     assert figures.bench_figures(data, tmp_path, stem="b") == [str(tmp_path / "b-bars.svg")]
@@ -236,3 +237,25 @@ def test_reach_keeps_the_share_answered_at_each_step():
     assert set(got) == set(suite.REACH_SHARES)
     assert got[0.0] == 0.001 and got[0.5] == 0.5 and got[0.999] == 0.999 and got[1.0] == 1.0
     assert suite.reach([]) == []
+
+
+def test_plots_py_dispatches_here_with_its_out_path_and_its_message(tmp_path):
+    for name in ("bench-small.json", "million-small.json"):
+        shutil.copy(DATA / name, tmp_path / name)
+    r = subprocess.run([sys.executable, "plots.py", str(tmp_path / "bench-small.json"), "-o",
+                        str(tmp_path / "b.png")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(tmp_path / f"b-{n}.png")
+                                for n in ("bars", "latency", "broadcast")]
+    assert (tmp_path / "b-bars.png").read_bytes().startswith(b"\x89PNG")
+    r = subprocess.run([sys.executable, "plots.py", str(tmp_path / "million-small.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == [str(tmp_path / "million-small.svg")]
+    # no matplotlib to import (a module that fails in its place): the line, no traceback
+    (tmp_path / "matplotlib.py").write_text("raise ImportError('not installed')\n")
+    r = subprocess.run([sys.executable, "plots.py", str(tmp_path / "bench-small.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("plots.py: drawing needs matplotlib") and plots.INSTALL in r.stderr
