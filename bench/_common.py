@@ -272,6 +272,13 @@ class LoadGroup:
             p.stdin.flush()
         return self._sum([self._line(p, 10.0) for p in self.procs])
 
+    def answer_times(self, t0: float) -> list:
+        """Every answer's arrival, s after `t0` (CLOCK_MONOTONIC), all processes, sorted."""
+        for p in self.procs:
+            p.stdin.write(b"times %r\n" % t0)
+            p.stdin.flush()
+        return sorted(us / 1e6 for p in self.procs for us in self._line(p, 10.0)["us"])
+
     @staticmethod
     def _sum(parts: list) -> dict:
         total = {k: sum(p[k] for p in parts)

@@ -15,7 +15,10 @@ sends: the first chunk's status line is counted (200 / other; a stream's head an
 broadcast's reach is max(last_answer_t) - its send time. One
 JSON line on stdout when every connect has finished ({"event": "open", ...}); then stdin
 commands, one a line:
-`stats` prints the counters as one JSON line, `quit` (or EOF) resets every connection
+`stats` prints the counters as one JSON line; `times T0` prints every answer's arrival time
+in µs after T0 (CLOCK_MONOTONIC s), sorted, as {"event": "times", "us": [...]} (the
+broadcast figure's fraction reached over time; an answer costs one list append); `quit` (or
+EOF) resets every connection
 (SO_LINGER 0: no TIME_WAIT left behind) and exits. Used by _common.LoadGroup; a parent holds
 19,000 connections over two of these, as the open-file limit is 20,000 per process.
 """
@@ -65,6 +68,7 @@ def main(argv=None) -> int:
     phase: dict = {}  # fd -> CONNECTING | SENT | ANSWERED
     c = {"event": "open", "ok": 0, "failed": 0, "s200": 0, "other": 0, "eof": 0,
          "bytes": 0, "errors": {}, "last_answer_t": 0.0}
+    answers: list = []  # CLOCK_MONOTONIC of every answer, for `times`
     nxt, end, inflight = a.start, a.start + a.count, 0
     announced = False
     t0 = time.monotonic()
@@ -127,6 +131,11 @@ def main(argv=None) -> int:
                     cmd = line.strip()
                     if cmd == b"stats":
                         emit("stats")
+                    elif cmd.startswith(b"times "):
+                        t_ref = float(cmd.split()[1])
+                        out.write(json.dumps({"event": "times", "us": sorted(
+                            round((t - t_ref) * 1e6) for t in answers)}) + "\n")
+                        out.flush()
                     elif cmd == b"quit":
                         return finish(socks)
                 continue
@@ -159,7 +168,8 @@ def main(argv=None) -> int:
             c["bytes"] += len(data)
             if data and st[0] == SENT:
                 phase[fd] = (ANSWERED,)
-                c["last_answer_t"] = time.monotonic()
+                c["last_answer_t"] = now = time.monotonic()
+                answers.append(now)
                 if data.startswith(b"HTTP/1.1 200 "):
                     c["s200"] += 1
                 else:

@@ -20,8 +20,11 @@
    the clients' receive lags it by their own reading); then until 99% poll again (each client
    re-polls after its answer, as a browser does: a storm of TARGET new connections).
 6. Stops everything (client first: its report, then the manager with SIGTERM), writes
-   bench/results/million-<host>.json with every figure and the /stats time series, and prints a
-   table. Bounded by --max-time (default 570 s) whatever happens; nothing is left running.
+   bench/results/million-<host>.json with every figure and the /stats time series (sampled
+   until the re-polls settle; `marks`: when the messages and the broadcast started), prints a
+   table and draws million-<host>.svg beside the JSON (bench/figures.py; without matplotlib,
+   a line saying what to install). Bounded by --max-time (default 570 s) whatever happens;
+   nothing is left running.
 
 Kernel settings matter at this scale (tuning/: `sudo tuning/apply.sh`); `tuning/check.py` says
 what caps the count. Without them the run reports where it stalled, it does not hang.
@@ -50,6 +53,7 @@ from _common import (  # noqa: E402
     machine_line,
     rss,
 )
+from figures import draw  # noqa: E402
 
 PER_WORKER_SPARE = 64  # fds a worker keeps for itself (listener, link, page, epoll, stdio...)
 POLL_S = 0.5  # /stats period while the connections come in
@@ -78,6 +82,16 @@ def kernel_memory() -> dict:
                 out["tcp_tw"] = tcp.get("tw", 0)
                 out["tcp_mem_bytes"] = tcp.get("mem", 0) * os.sysconf("SC_PAGE_SIZE")
     return out
+
+
+def sample(result: dict, s: dict, t0: float) -> dict:
+    """One point of the /stats time series (the million figure): connections, waiting polls,
+    the workers' RSS, kernel memory."""
+    t = s["totals"]
+    point = {"t": round(time.monotonic() - t0, 2), "connections": t["connections"],
+             "waiting": t["waiting"], "rss_bytes": t["rss_bytes"], **kernel_memory()}
+    result["series"].append(point)
+    return point
 
 
 def server_pids(s: dict, manager_pid: int) -> list:
@@ -159,11 +173,8 @@ def run(a) -> dict:
             time.sleep(POLL_S)
             s = stats(app_port)
             t = s["totals"]
-            now = time.monotonic() - t0
+            now = sample(result, s, t0)["t"]
             peak = max(peak, t["waiting"])
-            result["series"].append({"t": round(now, 2), "connections": t["connections"],
-                                     "waiting": t["waiting"], "rss_bytes": t["rss_bytes"],
-                                     **kernel_memory()})
             print(f"  {now:6.1f} s  waiting {t['waiting']:>10,}  rss "
                   f"{t['rss_bytes'] / 2**20:8.1f} MiB", flush=True)
             if t["waiting"] >= a.target:
@@ -195,10 +206,12 @@ def run(a) -> dict:
         # The messages: client.py sends them once its ramp is over; wait for them.
         cpu1 = cpu_of(pids)
         t_send = time.monotonic()
+        result["marks"] = {"messages_t": round(t_send - t0, 2)}
         delivered0 = t["delivered"]
         while time.monotonic() < deadline and client.poll() is None:
             time.sleep(POLL_S)
             s = stats(app_port)
+            sample(result, s, t0)
             if s["manager"]["messages_in"] >= a.messages and \
                     s["totals"]["delivered"] - delivered0 >= a.messages:
                 break
@@ -212,6 +225,7 @@ def run(a) -> dict:
         delivered = s["totals"]["delivered"]
         cpu2 = cpu_of(pids)
         t_b = time.monotonic()
+        result["marks"]["broadcast_t"] = round(t_b - t0, 2)
         status, _ = http_request(app_port, b"POST /broadcast HTTP/1.1\r\nHost: x\r\n"
                                            b"Content-Length: 3\r\nConnection: close\r\n\r\nall")
         reached = None
@@ -226,7 +240,7 @@ def run(a) -> dict:
         # client, or its busy processes miss their last reports (and their latencies).
         repolled = None
         while time.monotonic() < min(deadline - 30, t_b + 180):
-            if stats(app_port)["totals"]["waiting"] >= waiting * 0.99:
+            if sample(result, stats(app_port), t0)["waiting"] >= waiting * 0.99:
                 repolled = time.monotonic() - t_b
                 break
             time.sleep(POLL_S)
@@ -244,7 +258,8 @@ def run(a) -> dict:
         c = json.loads(Path(client_json).read_text())
         result["client"] = {k: c.get(k) for k in (
             "opened", "peak_open", "connect_rate", "ramp_s", "sent", "received", "lost",
-            "duplicates", "latency_ms", "msgs_per_s", "other_messages", "cause", "failed")}
+            "duplicates", "latency_ms", "latency_histogram", "msgs_per_s", "other_messages",
+            "cause", "failed")}
     except (OSError, ValueError):
         result["client"] = None
     return result
@@ -300,6 +315,7 @@ def main(argv=None) -> int:
     Path(a.json).with_suffix(".txt").write_text(machine_line(result["machine"]) + "\n" + text
                                                 + "\n")
     print(f"results written to {a.json} and {Path(a.json).with_suffix('.txt')}")
+    draw(result, a.json)  # after the JSON: without matplotlib, it says so, and that is all
     return 0 if result.get("open_s") else 1
 
 

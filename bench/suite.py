@@ -40,9 +40,11 @@ manager and all its workers, from /proc/PID/stat.
   per process here) needs W >= 6 for 100,000 polls, for both implementations.
 
 Writes bench/results/bench-<host>.json (every raw run, the medians, the ratios, the machine)
-and prints the table; --report FILE prints it again from such a file. --quick: one round of
-small loads (the smoke test in tests/test_bench.py). Everything is bounded, and every process
-started here is stopped in `finally` blocks.
+and prints the table, then draws its figures beside it (bench/figures.py: bars, latency
+percentiles, the broadcast's reach; matplotlib, a dev dependency, or a line saying what to
+install); --report FILE prints the table again from such a file and redraws them. --quick:
+one round of small loads (the smoke test in tests/test_bench.py). Everything is bounded, and
+every process started here is stopped in `finally` blocks.
 """
 
 import argparse
@@ -73,6 +75,7 @@ from _common import (  # noqa: E402
     rss,
     wait_idle,
 )
+from figures import draw  # noqa: E402
 
 IMPLS = ("project", "asyncio", "uvloop")
 NAMES = {"project": "this project", "asyncio": "asyncio peer", "uvloop": "uvloop peer"}
@@ -80,6 +83,9 @@ SAMPLE_S = 0.01
 START_SAMPLES = 3  # the manager holds the client's app connections this many samples in a row
 NOFILE_SPARE = 100  # what client.py keeps free per process (FD_MARGIN)
 LOAD_PER_PROC = 18000  # polls per bench/_load.py process (20,000 fds each here)
+# The shares of a broadcast's polls whose answer times are kept (its figure): every 1%, and
+# the tail, where the last of them are.
+REACH_SHARES = [k / 100 for k in range(101)] + [0.995, 0.999, 0.9999]
 
 # (key, label, unit, which is better)
 FIGURES = {
@@ -334,7 +340,8 @@ def client_fields(c: dict) -> dict:
     return {"client_exit": c.get("exit_status"), "ids_opened": c.get("ids_opened"),
             "sent": c.get("sent"), "received": c.get("received"), "lost": c.get("lost"),
             "unsendable": c.get("unsendable"), "duplicates": c.get("duplicates"),
-            "latency_ms": lat, "msgs_per_s": c.get("msgs_per_s"),
+            "latency_ms": lat, "latency_histogram": c.get("latency_histogram"),
+            "msgs_per_s": c.get("msgs_per_s"),
             "connect_rate": c.get("connect_rate"), "listen_overflows": c.get("listen_overflows"),
             "failed_total": c.get("failed_total"), "status": c.get("status")}
 
@@ -436,13 +443,25 @@ def measure_broadcast(impl: str, workers: int, polls: int) -> dict:
         if st["s200"] != polls:
             raise RuntimeError(f"broadcast reached {st['s200']:,} of {polls:,} polls "
                                f"(other answers {st['other']:,}, POST answered {status})")
+        times = load.answer_times(t_post)
         return {"broadcast_s": st["last_answer_t"] - t_post, "polls": polls,
+                "reach": reach(times),
                 "answered": st["s200"], "post_status": status, "load_procs": procs,
                 "ramp_s": round(ramp, 2)}
     finally:
         if load is not None:
             load.close()
         cluster.close()
+
+
+def reach(times: list) -> list:
+    """[s after the POST, share of the polls answered by then] at REACH_SHARES, from the
+    sorted answer times."""
+    if not times:
+        return []
+    n = len(times)
+    shares = sorted(set(REACH_SHARES))
+    return [[round(times[min(n - 1, max(0, math.ceil(q * n) - 1))], 6), q] for q in shares]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,6 +631,7 @@ def report(path: Path) -> int:
     print(table(data["medians"], a))
     for note in data["notes"]:
         print(f"note: {note}")
+    draw(data, path)
     return 1 if data["errors"] else 0
 
 
@@ -670,6 +690,7 @@ def main(argv=None) -> int:
     if errors:
         print(f"{len(errors)} run(s) failed: see `error` in {path}")
     print(f"results written to {path}")
+    draw(result, path)  # after the JSON: without matplotlib, it says so, and that is all
     return 1 if errors else 0
 
 

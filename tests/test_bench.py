@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import pyperf  # noqa: E402,F401  (requirements-dev.txt: missing is a failure, never a skip)
+import suite  # noqa: E402
 import uvloop  # noqa: E402,F401  (the peer's fast loop)
 
 IMPLS = ("project", "asyncio", "uvloop")
@@ -45,6 +46,16 @@ def test_suite_quick_reports_every_figure_for_every_implementation(tmp_path):
     for run in data["runs"]:
         if run["scenario"] in ("paced", "blast"):
             assert run["received"] == run["sent"] == 1000, run
+        if run["scenario"] == "broadcast":  # the figure's data: every answer's time, in shares
+            times = [t for t, _ in run["reach"]]
+            assert [q for _, q in run["reach"]] == sorted(set(suite.REACH_SHARES))
+            assert times == sorted(times) and times[0] >= 0
+            assert times[-1] == pytest.approx(run["broadcast_s"], abs=1e-5)
+        if run["scenario"] == "paced":  # the latency figure's data
+            assert run["latency_histogram"]["count"] == run["received"], run
+    for name in ("bars", "latency", "broadcast"):
+        assert (tmp_path / f"bench-{name}.svg").stat().st_size > 1000, name
+    assert "figures written: " in r.stdout
     assert r.stdout.startswith("machine: ")
     assert "| figure | W | this project | asyncio peer | uvloop peer |" in r.stdout
     assert "project / uvloop" in r.stdout
@@ -85,3 +96,7 @@ def test_million_with_a_small_target_reports_every_figure(tmp_path):
     b = data["broadcast"]
     assert b["status"] == 202 and b["written"] == b["waiting"] == 3000 and b["time_to_all_s"]
     assert "time to open" in out.with_suffix(".txt").read_text()
+    # the figure's data: sampled past the ramp, the messages and the broadcast marked
+    assert data["series"][-1]["t"] > data["marks"]["broadcast_t"] > data["marks"]["messages_t"]
+    assert all("slab_bytes" in p and "rss_bytes" in p for p in data["series"])
+    assert (tmp_path / "million.svg").stat().st_size > 1000
