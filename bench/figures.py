@@ -27,11 +27,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# `python plots.py FILE.json` runs plots.py as __main__ and imports this: share that module, or
-# a second copy's PlotUnavailable would not be the class its handler catches
-_main = sys.modules.get("__main__")
-if Path(getattr(_main, "__file__", None) or "/").resolve() == ROOT / "plots.py":
-    sys.modules.setdefault("plots", _main)
 import plots  # noqa: E402
 from plots import PlotUnavailable  # noqa: E402
 
