@@ -48,6 +48,12 @@ class Manager:
                 return
             except PortTaken:
                 continue
+            except BaseException:
+                # Never left running behind a failed test (with its workers: they exit when
+                # its links close).
+                self.proc.kill()
+                self.proc.wait(5)
+                raise
         raise RuntimeError("could not start a manager on free ports")
 
     def wait_ready(self, timeout: float = 10.0) -> None:
