@@ -1091,7 +1091,7 @@ class Worker:
             fd = fds[fd]
             fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NONBLOCK)  # one syscall; set_blocking makes two
             if self.keepalive and is_loopback(peer[0]):
-                self.no_keepalive(fd)
+                self.sockopt(fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
             state[fd] = READING
             count[CONNECTIONS] += 1
             count[ACCEPTED] += 1
@@ -1100,12 +1100,14 @@ class Worker:
             self.read_head(fd, None)
         self.accept_hot = True
 
-    def no_keepalive(self, fd: int) -> None:
+    def sockopt(self, fd: int, level: int, option: int, value: int) -> None:
+        """setsockopt on a bare fd (the connection has no socket object: see the memory
+        budget at the top)."""
         sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)  # no family lookups
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+            sock.setsockopt(level, option, value)
         except OSError:
-            pass  # already reset: the read that follows sees it
+            pass  # already reset: the read or write that follows sees it
         finally:
             sock.detach()
 
@@ -1412,7 +1414,9 @@ class Worker:
         self.wait(fd, id_)
         self.is_stream[fd] = 1
         self.count[STREAMS] += 1
-        self.uncork(fd)
+        # The listener corks every connection, for the FIN to ride on an answer's last
+        # segment (make_listener); a stream's events go out as they are written.
+        self.sockopt(fd, socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         store = self.store
         backlog = self.backlog[fd] = Backlog(cursor)
         backlog.out += self.sse_head
@@ -1425,17 +1429,6 @@ class Worker:
             backlog.out += sse_control(b"gap", cursor_text(cursor))  # (else replay_more does)
         backlog.replay = len(backlog.out)
         self.flush_stream(fd)
-
-    def uncork(self, fd: int) -> None:
-        """A stream's writes go out as they are made (the listener corks every connection
-        for the FIN to ride on an answer's last segment: make_listener)."""
-        sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)  # no family lookups
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-        except OSError:
-            pass  # already reset: the write that follows sees it
-        finally:
-            sock.detach()
 
     def stream_send(self, fd: int, event: bytes, msg) -> bool:
         """Write an event to a stream; True if written whole now. A stream that is behind

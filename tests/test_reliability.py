@@ -578,6 +578,14 @@ def test_write_timeout_closes_a_client_that_does_not_read_a_big_answer(manager_f
     assert t["connections"] == 0 and t["delivered"] == 1  # written in part: README says so
     s.close()
 
+def close_the_gate(m, count: int, tag: str, ok: tuple) -> None:
+    """With worker 0 stopped: 60 KB publishes for it, each on a new connection (a first read,
+    taken whatever the gate), until its unacknowledged bytes close the flow gate."""
+    for id_ in ids_for(0, count, tag):
+        with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as s:
+            assert http_publish(s, id_, b"y" * 60_000)[0] in ok
+    assert m.stats()["manager"]["paused"] == [0]
+
 
 def test_a_message_half_read_when_the_gate_closes_is_taken_whole(manager_factory):
     """The flow gate holds publishers between messages, not inside one: a JSON line whose two
@@ -623,10 +631,7 @@ def test_a_binary_publisher_is_held_by_the_gate_and_resumed_when_it_opens(manage
         wait_total(m, "queued_messages", 1)
         os.kill(pid0, signal.SIGSTOP)
         try:
-            for id_ in ids_for(0, 12, "gatebin"):  # first reads: taken, the gate closes
-                with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as s:
-                    assert http_publish(s, id_, b"y" * 60_000)[0] in (202, 503)
-            assert m.stats()["manager"]["paused"] == [0]
+            close_the_gate(m, 12, "gatebin", (202, 503))
             pub.sendall(b"".join(binary([w1], b"m%d" % k) for k in range(1, 6)))
             time.sleep(0.5)
             held = m.stats()["workers"][1]["queued_messages"]
@@ -678,10 +683,7 @@ def test_a_gate_opened_by_the_flush_of_a_gated_read_does_not_strand_its_frames(m
         wait_total(m, "queued_messages", 1)
         os.kill(pid0, signal.SIGSTOP)
         try:
-            for id_ in ids_for(0, 3, "fill"):
-                with socket.create_connection(("127.0.0.1", m.app_port), timeout=5) as s:
-                    assert http_publish(s, id_, b"y" * 60_000)[0] == 202
-            assert m.stats()["manager"]["paused"] == [0]
+            close_the_gate(m, 3, "fill", (202,))
             os.kill(m.proc.pid, signal.SIGSTOP)
             try:
                 os.kill(pid0, signal.SIGCONT)
