@@ -1167,14 +1167,13 @@ class AppServer:
     def gated(self) -> bool:
         return not self.flow.open.is_set()
 
-    def binary_frames(self, buf: bytes, first: bool, conn=None) -> tuple:
+    def binary_frames(self, buf: bytes, first: bool, conn) -> tuple:
         """The original's frames: 0x02 <id> 0x00 <message> 0x00, repeated, no reply. Routes
         the whole ones at the start of buf; returns (bytes used, gated, error or None).
         Once the gate is closed, the frames after the one in hand wait (`gated`), except in
         a connection's first read, taken whole. On a node (--redis) Redis answers later:
-        `conn.handed` hears about the last frame of the read (they go in one batch)."""
+        `conn.handed` hears of each frame's fate."""
         max_message = self.opts.max_message
-        mid = None
         pos, size = 0, len(buf)
         while pos < size:
             if pos and not first and not self.flow.open.is_set():
@@ -1197,9 +1196,9 @@ class AppServer:
             mid, refused = self.router.send_one(id_, buf[id_end + 1:msg_end])
             if refused is not None:  # the frames before it were taken
                 return pos, False, f"binary frame refused: {refused}"
+            if mid.__class__ is not tuple:
+                mid.add_done_callback(conn.handed)
             pos = msg_end + 1
-        if mid.__class__ is not tuple and mid is not None and conn is not None:
-            mid.add_done_callback(conn.handed)
         return pos, False, None
 
     def app_error_bare(self, why: str) -> None:
