@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test lint run bench bench-micro bench-memory bench-cpu million check soak clean
+.PHONY: test lint run bench bench-micro bench-memory bench-cpu bench-nodes million check soak clean
 
 $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench-memory: $(VENV)/.installed
 
 bench-cpu: $(VENV)/.installed
 	$(PY) bench/cpu.py
+
+# Three nodes on a local redis-server against one node alone, paced and blast (bench/nodes.py).
+bench-nodes: $(VENV)/.installed
+	$(PY) bench/nodes.py
 
 # TARGET waiting polls on this box, 100,000 messages and a broadcast (bench/million.py).
 TARGET ?= 1000000

@@ -126,6 +126,9 @@ def connection(redis, url: str):
     kwargs = dict(pool.connection_kwargs, socket_timeout=None,
                   socket_connect_timeout=CONNECT_TIMEOUT, retry=Retry(NoBackoff(), 0),
                   health_check_interval=0, protocol=2)  # RESP2: XREAD's reply is a list
+    if "maint_notifications_config" in kwargs:  # redis-py 7+: a cloud feature, RESP3 only
+        from redis.maint_notifications import MaintNotificationsConfig
+        kwargs["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
     return pool.connection_class(**kwargs)
 
 

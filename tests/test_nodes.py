@@ -551,3 +551,31 @@ def test_one_node_owns_ids_exactly_as_one_box(redis_server, manager_factory):
         w = server.owner(id_.encode(), 3)
         status, headers, _ = get(m.base_port + (w + 1) % 3, f"/{id_}.js")
         assert status == 307 and headers["location"].endswith(f":{m.base_port + w}/{id_}.js")
+
+
+def test_a_node_works_without_hiredis(redis_server, tmp_path):
+    """hiredis is part of the extra for speed only: without it redis-py's own parser reads the
+    replies (redis-py 7+ refuses its cloud maintenance notifications with that parser unless
+    they are turned off: nodes.connection does)."""
+    fake = tmp_path / "hiredis"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('no hiredis here')\n")
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(tmp_path)
+    try:
+        base = free_port_block(W + 1)
+        node = Node(0, base, ["--redis", redis_server.url, "--stream-prefix", "nohiredis",
+                              "--status-interval", "0"])
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    try:
+        id_ = "plain"
+        port = base + server.owner(id_.encode(), W)
+        mid = publish(node, id_, b"parsed in Python")
+        status, headers, body = get(port, f"/{id_}.js")
+        assert (status, body, headers["x-message-id"]) == (200, b"parsed in Python", mid)
+    finally:
+        node.stop()
