@@ -6,10 +6,12 @@ Manager -> worker: frames on the link, a UNIX stream socket (fd 4 in the worker)
 
 all big-endian. MSG carries an id and a message; BROADCAST a message and an empty id. Both
 carry the message id `<ms>-<seq>` the manager gave the message (SPEC "Message ids"), as two
-integers: a replayed frame keeps its id. READY (empty, id 0-0) is sent only to workers started
-with --hold (a node on Redis): the history replayed from the node's stream is in, start
-accepting connections (nodes.py). Nothing else is sent: a worker's death is the link's
-EOF, and the manager's is the worker's.
+integers: a replayed frame keeps its id. Two frames without id or payload go only to workers
+started with --hold (a node on Redis, nodes.py): READY, start accepting connections: the history
+replayed from the node's stream is in (ms 0), or Redis could not be reached and it will come
+late (ms 1: until CAUGHT_UP, a waiting poll or stream with a cursor is not sent a message at
+or below its cursor); CAUGHT_UP, that late history is in. Nothing else is sent: a worker's
+death is the link's EOF, and the manager's is the worker's.
 
 Worker -> manager: a page of shared memory (a memfd, fd 5 in the worker, mapped by both), an
 array of unsigned 64-bit figures named by PAGE_FIELDS. The worker keeps its counters there
@@ -39,8 +41,9 @@ import struct
 
 HEAD = struct.Struct("!cBIQQ")
 HEAD_SIZE = HEAD.size  # 22
-MSG, BROADCAST, READY = b"M", b"B", b"R"
-KINDS = (MSG, BROADCAST, READY)
+MSG, BROADCAST, READY, CAUGHT_UP = b"M", b"B", b"R", b"C"
+KINDS = (MSG, BROADCAST, READY, CAUGHT_UP)
+CONTROL = (READY, CAUGHT_UP)
 MAX_ID = 255  # the id length is one byte; valid ids are at most 128 bytes anyway
 MAX_PAYLOAD = 2**32 - 1
 

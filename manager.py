@@ -68,7 +68,9 @@ from tuning.check import manager_capacity_line, port_clash_hint, raise_nofile
 # Constants
 # ---------------------------------------------------------------------------------------------
 
-READY_FRAME = link.encode(READY, b"", b"", 0, 0)
+READY_FRAME = link.encode(READY, b"", b"", 0, 0)  # the node's replay is in (link.py)
+READY_PARTIAL = link.encode(READY, b"", b"", 1, 0)  # ... it comes late: Redis was unreachable
+CAUGHT_UP_FRAME = link.encode(link.CAUGHT_UP, b"", b"", 0, 0)
 SERVER_PY = str(Path(__file__).resolve().parent / "server.py")
 FLOW_HIGH = 4 * 1024 * 1024  # unacknowledged bytes for one worker that pause the app...
 FLOW_LOW = 1024 * 1024  # ... and resume it
@@ -335,7 +337,12 @@ class Outbox:
                     else:
                         self.bytes -= len(f)
         self.unacked.clear()
-        self.unsent = replay + self.unsent
+        # READY and CAUGHT_UP are not replayed: the successor gets what is true when it
+        # attaches (Link.connection_made).
+        replay = [f for f in replay if f[:1] not in link.CONTROL]
+        unsent = [f for f in self.unsent if f[:1] not in link.CONTROL]
+        self.bytes = sum(map(len, replay)) + sum(map(len, unsent))
+        self.unsent = replay + unsent
         self.link, self.written = None, 0
         # No worker, no reason to hold the other workers' publishers: this outbox fills up to
         # its limit and then refuses, for this worker only, until a successor attaches.
@@ -381,8 +388,9 @@ class Link(asyncio.Protocol):
         transport.set_write_buffer_limits(high=2**62)
         if self.slot.link is self:
             self.slot.outbox.attach(transport)
-            if self.supervisor.hold and not self.supervisor.held:
-                self.slot.outbox.put_control(READY_FRAME)  # after what it replays
+            if self.supervisor.hold and not self.supervisor.held:  # after what it replays
+                self.slot.outbox.put_control(READY_PARTIAL if self.supervisor.late else
+                                             READY_FRAME)
         else:  # its worker died before the link was set up: it was reaped already
             transport.close()
 
@@ -416,6 +424,7 @@ class Supervisor:
         # from its stream (nodes.StreamReader calls release).
         self.hold = opts.redis is not None
         self.held = self.hold
+        self.late = False  # released without the replay: it comes late (release)
         # Up (/healthz, megacomet_up): a live loop passes at least every beat interval.
         self.up_beat_age = UP_BEATS * min(server.BEAT_INTERVAL, opts.worker_timeout / 4)
 
@@ -593,12 +602,22 @@ class Supervisor:
 
     # -- outboxes: flushed once a loop pass, acknowledged from the pages ---------------------
 
-    def release(self) -> None:
-        """The replay is in the outboxes: every worker may accept (READY, after it)."""
+    def release(self, partial: bool) -> None:
+        """The replay is in the outboxes: every worker may accept (READY, after it). Or
+        `partial`: Redis could not be reached, the replay comes late (caught_up says when).
+        A worker not linked yet gets its READY when it is (Link.connection_made)."""
         if self.held:
-            self.held = False
+            self.held, self.late = False, partial
             for slot in self.slots:
-                slot.outbox.put_control(READY_FRAME)
+                if slot.outbox.link is not None:
+                    slot.outbox.put_control(READY_PARTIAL if partial else READY_FRAME)
+
+    def caught_up(self) -> None:
+        if self.late:
+            self.late = False
+            for slot in self.slots:
+                if slot.outbox.link is not None:
+                    slot.outbox.put_control(CAUGHT_UP_FRAME)
 
     def flush_soon(self, outbox: Outbox) -> None:
         if not self.flushing and not self.batching:
@@ -800,6 +819,7 @@ class Router:
         self.supervisor = supervisor
         self.slots = supervisor.slots
         self.ids = MessageIds()
+        self.outbox_limit = min(s.outbox.limit for s in self.slots)  # (--queue-bytes)
         self.messages_in = 0
         self.refused = 0  # messages refused because an outbox was full
 
@@ -970,6 +990,7 @@ class AppProtocol(asyncio.BufferedProtocol):
     the callback returns."""
 
     view = memoryview(bytearray(APP_READ_SIZE))
+    refused = False  # --redis: a frame of ours was not handed over (handed)
 
     def __init__(self, app: "AppServer"):
         self.app = app
@@ -1030,13 +1051,21 @@ class AppProtocol(asyncio.BufferedProtocol):
             flow.paused.add(self)
 
     def handed(self, fut) -> None:
-        """--redis: Redis's answer for the last frame of a read. A frame it did not take
-        closes the connection: the publisher has no other way to hear it (SPEC)."""
+        """--redis: Redis's answer for a frame. A frame it did not take is counted and logged
+        (also when the publisher has gone already), and closes the connection: the publisher
+        has no other way to hear it (SPEC). The frames after it may have been taken."""
+        if fut.cancelled():
+            return
         why = fut.result()[1]
-        if why is not None and not self.transport.is_closing():
-            self.app.app_error_bare(f"binary frame not handed over: {why}")
-            self.buf = b""
-            self.transport.close()
+        if why is None:
+            return
+        if self.refused:  # logged once, with the first
+            self.app.app_rejected += 1
+            return
+        self.refused = True
+        self.app.app_error_bare(f"binary frame not handed over: {why}")
+        self.buf = b""
+        self.transport.close()
 
     def resume(self) -> None:
         if self.transport.is_closing():
@@ -1086,7 +1115,8 @@ class AppServer:
                         "app_connections": self.app_connections,
                         "outbox_messages": sum(len(sl.outbox.unsent) for sl in
                                                self.supervisor.slots),
-                        "paused": sorted(self.flow.reasons, key=str),
+                        "paused": sorted(r for r in self.flow.reasons if r.__class__ is int) +
+                        sorted(r for r in self.flow.reasons if r.__class__ is not int),
                         "draining": self.supervisor.stopping}
         if self.node is not None:
             s["redis"] = "up" if self.node.state.up else "down"
@@ -1311,10 +1341,17 @@ class AppServer:
         return {"ok": True, "mid": "{}-{}".format(*mid)}
 
     async def settle(self, out: list) -> None:
-        """Replies Redis has yet to give (--redis), awaited in order, in place."""
+        """Replies Redis has yet to give (--redis), awaited in order, in place. Cancelled
+        (a stop) the ones not had are dropped, so that a `finally` can write the rest."""
+        if self.node is None:
+            return
         for i, reply in enumerate(out):
-            if asyncio.iscoroutine(reply):
-                out[i] = await reply
+            if reply.__class__ is not bytes and reply.__class__ is not dict:
+                try:
+                    out[i] = await reply
+                except BaseException:
+                    del out[i:]
+                    raise
 
     async def serve_http(self, reader, writer, buf: bytes) -> None:
         """HTTP/1.1 with keep-alive: POST /send/<id>, POST /broadcast, GET /stats.
@@ -1620,7 +1657,8 @@ def parse_args(argv=None):
                 p.error(f"--node {opts.node[0]}/{opts.node[1]}: --nodes must name the "
                         f"{opts.node[1]} nodes")
             wildcard = opts.host in ("", "0.0.0.0", "::")
-            opts.nodes = ((socket.gethostname() if wildcard else opts.host, None),)
+            host = socket.gethostname() if wildcard else opts.host
+            opts.nodes = ((f"[{host}]" if ":" in host else host, None),)
         if len(opts.nodes) != opts.node[1]:
             p.error(f"--nodes names {len(opts.nodes)} nodes, --node {opts.node[0]}/"
                     f"{opts.node[1]} says {opts.node[1]}")

@@ -34,17 +34,20 @@ import asyncio
 import math
 import time
 import traceback
+from collections import deque
 
 import link
 import server
 from server import valid_id
 
-PUBLISH_TIMEOUT = 1.5  # a batch unanswered this long is refused (SPEC: within 2 s)
+PUBLISH_TIMEOUT = 1.5  # a message Redis has not taken this long after its publish is refused
+# (SPEC: within 2 s), counted from the publish: a batch waits for the one before it
+BATCH_BYTES = 1024 * 1024  # at most this much in one pipelined write (then the next)
 CONNECT_TIMEOUT = 1.0
 BLOCK_MS = 1000  # XREAD BLOCK: how long a read waits for an entry
 READ_GRACE = 1.5  # ... and how much longer before Redis counts as not answering
 READ_COUNT = 1000  # entries per XREAD
-BACKOFF_MIN, BACKOFF_MAX = 0.1, 4.0  # reconnect delays (SPEC: capped at 5 s; back within 5 s)
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0  # reconnect delays (SPEC: capped at 5 s; back within 5 s)
 OUTBOX_WAIT = 0.01  # seconds between two tries to put an entry into a full outbox
 INSTALL = "pip install 'megacomet[redis]' (or: pip install redis hiredis)"
 
@@ -133,10 +136,14 @@ def connection(redis, url: str):
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for logs and /stats."""
+    """The URL without its password (user:password@, or ?password=), for logs, /stats and
+    the refusals apps read."""
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
-    return f"{scheme}{sep}{'***@' if at else ''}{host}" if sep else url
+    host, q, query = host.partition("?")
+    query = "&".join("password=***" if p.lower().startswith("password=") else p
+                     for p in query.split("&")) if q else ""
+    return f"{scheme}{sep}{'***@' if at else ''}{host}{q}{query}" if sep else url
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,16 +180,17 @@ class RedisState:
 
 class Publisher:
     """Commands out on one connection, in the order given; each submit's future gets
-    pick(replies) (an error reply is a ResponseError in the list), or (None, why) when the
-    batch failed. At most `limit` bytes wait; past `high` the Flow gate holds the app's
-    publishers until they drop below `low`."""
+    pick(replies) (an error reply is a ResponseError in the list), or (None, why) when Redis
+    did not take it within PUBLISH_TIMEOUT of the submit. Everything submitted during one loop
+    pass goes out as one write (BATCH_BYTES at most). At most `limit` bytes wait; past `high`
+    the Flow gate holds the app's publishers until they drop below `low`."""
 
     def __init__(self, redis, url: str, state: RedisState, flow, limit: int):
         self.redis, self.state, self.flow, self.limit = redis, state, flow, limit
         self.conn = connection(redis, url)
         self.high = min(4 * 1024 * 1024, limit // 2)
         self.low = self.high // 4
-        self.pending: list = []  # (command bytes, replies, pick, future)
+        self.pending: deque = deque()  # (command bytes, replies, pick, future, deadline)
         self.bytes = 0  # of pending commands and the batch in flight
         self.wake = asyncio.Event()
         self.loop = asyncio.get_running_loop()
@@ -192,49 +200,67 @@ class Publisher:
 
     def submit(self, data: bytes, replies: int, pick) -> asyncio.Future:
         fut = self.loop.create_future()
-        self.pending.append((data, replies, pick, fut))
+        self.pending.append((data, replies, pick, fut, self.loop.time() + PUBLISH_TIMEOUT))
         self.bytes += len(data)
         if self.bytes > self.high:
             self.flow.block("redis")
         self.wake.set()
         return fut
 
+    def next_batch(self) -> list:
+        batch, size = [], 0
+        pending = self.pending
+        while pending and (not batch or size + len(pending[0][0]) <= BATCH_BYTES):
+            batch.append(pending.popleft())
+            size += len(batch[-1][0])
+        return batch
+
     async def run(self) -> None:
-        errors, response_error = self.state.errors, self.redis.exceptions.ResponseError
-        conn = self.conn
         while True:
             await self.wake.wait()
             self.wake.clear()
             while self.pending:
-                batch, self.pending = self.pending, []
-                size = sum(len(b[0]) for b in batch)
-                done = 0
+                batch = self.next_batch()
                 try:
-                    async with asyncio.timeout(PUBLISH_TIMEOUT):
-                        await conn.send_packed_command(b"".join(b[0] for b in batch),
-                                                       check_health=False)
-                        for _, replies, pick, fut in batch:
-                            got = []
-                            for _ in range(replies):
-                                try:
-                                    got.append(await conn.read_response(timeout=math.inf))
-                                except response_error as e:  # the others still come
-                                    got.append(e)
-                            done += 1
-                            if not fut.done():
-                                fut.set_result(pick(got))
-                    self.state.set_up()
-                except (*errors, OSError, TimeoutError) as e:
-                    self.state.set_down(e if not isinstance(e, TimeoutError) else
-                                        f"no answer within {PUBLISH_TIMEOUT} s")
-                    await conn.disconnect(nowait=True)
+                    await self.send(batch)
+                finally:  # whatever happened, every future of the batch has its answer
                     why = self.state.refusal()
-                    for _, _, _, fut in batch[done:]:
+                    for _, _, _, fut, _ in batch:
                         if not fut.done():
                             fut.set_result((None, why))
-                self.bytes -= size
-                if self.bytes <= self.low:
-                    self.flow.unblock("redis")
+                    self.bytes -= sum(len(b[0]) for b in batch)
+                    if self.bytes <= self.low:
+                        self.flow.unblock("redis")
+
+    async def send(self, batch: list) -> None:
+        errors, response_error = self.state.errors, self.redis.exceptions.ResponseError
+        conn = self.conn
+        try:
+            # The oldest publish of the batch sets the deadline: each is answered in time.
+            async with asyncio.timeout_at(batch[0][4]):
+                await conn.send_packed_command(b"".join(b[0] for b in batch),
+                                               check_health=False)
+                for _, replies, pick, fut, _ in batch:
+                    got = []
+                    for _ in range(replies):
+                        try:
+                            got.append(await conn.read_response(timeout=math.inf))
+                        except response_error as e:  # the others still come
+                            got.append(e)
+                    if not fut.done():
+                        fut.set_result(pick(got))
+            self.state.set_up()
+        except (*errors, OSError, TimeoutError) as e:
+            self.state.set_down(e if not isinstance(e, TimeoutError) else
+                                f"no answer within {PUBLISH_TIMEOUT} s")
+            await conn.disconnect(nowait=True)
+            # Nothing of what waits was sent: refused now, not a timeout later.
+            why = self.state.refusal()
+            while self.pending:
+                _, _, _, fut, _ = self.pending.popleft()
+                if not fut.done():
+                    fut.set_result((None, why))
+            self.bytes = sum(len(b[0]) for b in batch)  # (run takes it off)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +297,8 @@ class RedisRouter:
         self.nodemap, self.publisher, self.state = nodemap, publisher, state
         self.supervisor = supervisor
         self.ttl_ms = int(ttl * 1000)
-        self.minid_at = 0.0  # the MINID of this second, computed once a second
+        self.minid_at = 0.0  # the MINID, computed again every minid_every at most
+        self.minid_every = min(1.0, ttl / 10)
         self.minid = b"0"
         self.messages_in = 0  # accepted: Redis wrote them
         self.refused = 0
@@ -281,6 +308,9 @@ class RedisRouter:
             return "the server is shutting down: try again later"
         if not self.state.up:
             return self.state.refusal()
+        if size > self.publisher.limit:
+            return (f"a message of {size:,} bytes can never fit (--queue-bytes "
+                    f"{self.publisher.limit:,})")
         if not self.publisher.room(size):
             return (f"redis is not keeping up ({self.publisher.bytes:,} bytes waiting for it, "
                     f"--queue-bytes {self.publisher.limit:,}): try again later")
@@ -288,7 +318,7 @@ class RedisRouter:
 
     def min_id(self) -> bytes:
         now = time.monotonic()
-        if now - self.minid_at >= 1.0:
+        if now - self.minid_at >= self.minid_every:
             self.minid_at = now
             self.minid = b"%d-0" % max(0, time.time_ns() // 1_000_000 - self.ttl_ms)
         return self.minid
@@ -303,6 +333,8 @@ class RedisRouter:
         return fut, None
 
     def counted(self, fut, count: int) -> None:
+        if fut.cancelled():  # (its publisher's connection was closed at shutdown)
+            return
         if fut.result()[1] is None:
             self.messages_in += count
         else:
@@ -340,18 +372,21 @@ class RedisRouter:
 
 class StreamReader:
     """Reads `<prefix>:<K>` from the last entry read and routes each entry to the worker that
-    owns its id (Router.deliver). Starts --queue-ttl back: the replay, after which `ready()`
-    lets the workers accept (also when Redis cannot be reached at start: a node serves its
-    connections without Redis, SPEC)."""
+    owns its id (Router.deliver). Starts --queue-ttl back: the replay, up to the newest entry
+    when Redis first answers, after which the supervisor releases the workers (READY). When
+    Redis cannot be reached at start the workers are released at once (a node serves its
+    connections without Redis, SPEC) and told that the history comes late, until caught_up."""
 
     def __init__(self, redis, url: str, state: RedisState, nodemap: NodeMap, router,
-                 supervisor, opts, ready):
+                 supervisor, opts):
         self.redis, self.state, self.nodemap = redis, state, nodemap
-        self.router, self.supervisor, self.ready = router, supervisor, ready
+        self.router, self.supervisor = router, supervisor
         self.conn = connection(redis, url)
         self.max_message = opts.max_message
         self.last = b"%d-0" % max(0, time.time_ns() // 1_000_000 - int(opts.queue_ttl * 1000))
-        self.replaying = True
+        self.replay_end = None  # (ms, seq) of the newest entry when Redis first answered
+        self.replaying = True  # the workers are held
+        self.late = False  # released without the replay, which is still to come
         self.read = 0  # entries routed to the workers
         self.rejected = 0  # entries dropped: not ours, a bad id, missing fields
         self.replayed = 0
@@ -360,10 +395,18 @@ class StreamReader:
         conn, errors = self.conn, self.state.errors
         backoff = BACKOFF_MIN
         key = self.nodemap.own_key
+        behind = True  # more entries wait: read without BLOCK
         while not self.supervisor.stopping:
-            block = () if self.replaying else (b"BLOCK", b"%d" % BLOCK_MS)
+            block = () if behind else (b"BLOCK", b"%d" % BLOCK_MS)
             try:
                 async with asyncio.timeout(BLOCK_MS / 1000 + READ_GRACE):
+                    if self.replay_end is None:
+                        # Where the replay ends: a stream written to fast would otherwise
+                        # keep it going (and the workers held) for as long as that lasts.
+                        await conn.send_packed_command(command(
+                            b"XREVRANGE", key, b"+", b"-", b"COUNT", b"1"), check_health=False)
+                        newest = await conn.read_response(timeout=math.inf)
+                        self.replay_end = entry_id(newest[0][0]) if newest else (0, 0)
                     await conn.send_packed_command(command(
                         b"XREAD", b"COUNT", b"%d" % READ_COUNT, *block, b"STREAMS", key,
                         self.last), check_health=False)
@@ -372,7 +415,10 @@ class StreamReader:
                 self.state.set_down(e if not isinstance(e, TimeoutError) else
                                     "no answer to XREAD")
                 await conn.disconnect(nowait=True)
-                self.replay_done()  # serve without the replay; it comes when Redis does
+                if self.replaying:  # serve without the replay; it comes when Redis does
+                    self.replaying, self.late = False, True
+                    self.supervisor.release(partial=True)
+                behind = True  # the first read after a reconnect says at once if Redis is up
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
@@ -382,15 +428,16 @@ class StreamReader:
             for raw_id, fields in entries:
                 await self.route(raw_id, fields)
                 self.last = raw_id
-            if self.replaying:
+            if self.replaying or self.late:
                 self.replayed += len(entries)
-                if len(entries) < READ_COUNT:
-                    self.replay_done()
-
-    def replay_done(self) -> None:
-        if self.replaying:
-            self.replaying = False
-            self.ready()
+            behind = len(entries) == READ_COUNT
+            if (self.replaying or self.late) and (
+                    not behind or (entry_id(self.last) or (0, 0)) >= self.replay_end):
+                if self.replaying:
+                    self.supervisor.release(partial=False)
+                else:
+                    self.supervisor.caught_up()
+                self.replaying = self.late = False
 
     def reject(self, raw_id: bytes, why: str) -> None:
         self.rejected += 1
@@ -411,6 +458,9 @@ class StreamReader:
         ms, seq = mid
         if f.get(b"broadcast") == b"1":
             frame = link.encode(link.BROADCAST, b"", message, ms, seq)
+            if len(frame) > self.router.outbox_limit:
+                return self.reject(raw_id, "message can never fit a worker's outbox "
+                                           f"(--queue-bytes {self.router.outbox_limit:,})")
             while not self.router.deliver_all(frame):
                 await asyncio.sleep(OUTBOX_WAIT)
         else:
@@ -421,6 +471,9 @@ class StreamReader:
                 return self.reject(raw_id, f"id {id_.decode()} is node "
                                            f"{self.nodemap.node_of(id_)}'s")
             frame = link.encode_msg(id_, message, ms, seq)
+            if len(frame) > self.router.outbox_limit:
+                return self.reject(raw_id, "message can never fit a worker's outbox "
+                                           f"(--queue-bytes {self.router.outbox_limit:,})")
             worker = self.nodemap.worker_of(id_)
             while not self.router.deliver(worker, frame):
                 await asyncio.sleep(OUTBOX_WAIT)
@@ -442,7 +495,7 @@ class Node:
         self.router = RedisRouter(self.nodemap, self.publisher, self.state, supervisor,
                                   opts.queue_ttl)
         self.reader = StreamReader(redis, opts.redis, self.state, self.nodemap, router,
-                                   supervisor, opts, supervisor.release)
+                                   supervisor, opts)
         self.ttl = opts.queue_ttl
         server.log(f"node {K} of {N}: reads {self.nodemap.own_key.decode()} on "
                    f"{self.state.url}; the last {opts.queue_ttl:g} s of it replayed first")
@@ -465,7 +518,7 @@ class Node:
 
     async def trim_every_ttl(self) -> None:
         while True:
-            await asyncio.sleep(self.ttl)
+            await asyncio.sleep(max(1.0, self.ttl))
             self.router.trim()
 
     def stats(self) -> dict:

@@ -107,6 +107,7 @@ from link import (
     MSG,
     QUEUED_BYTES,
     QUEUED_MESSAGES,
+    READY,
     REFUSED_NO_WATCH,
     REJECTED,
     STREAMS,
@@ -852,6 +853,8 @@ class Worker:
         # --hold: the listener is watched from the manager's READY frame on, once the node's
         # history is replayed from Redis (link.py); connections wait in the backlog till then.
         self.held = opts.hold
+        self.cursors = None  # fd -> cursor key of a waiting poll or stream, only from a
+        # READY that says the history comes late until CAUGHT_UP (release)
 
         self.listener = listener
         self.listen_fd = listener.fileno()
@@ -1008,6 +1011,8 @@ class Worker:
                 self.jsonp.pop(fd, None)
         if self.gapped:
             self.gapped.discard(fd)
+        if self.cursors:
+            self.cursors.pop(fd, None)
 
     # -- writing answers ---------------------------------------------------------------------
 
@@ -1304,6 +1309,8 @@ class Worker:
             self.at_capacity(fd)
             return
         self.wait(fd, id_)
+        if cursor is not None and self.cursors is not None:
+            self.cursors[fd] = cursor
         if callback is not None:
             self.jsonp[fd] = callback
         if gap:
@@ -1384,14 +1391,15 @@ class Worker:
         if msg is None:
             return  # kept already (a frame replayed twice)
         if id_ in self.waiters:
-            sent = self.to_waiters(id_, mid, message, msg)
+            sent = self.to_waiters(id_, key, mid, message, msg)
             if sent:
                 store.delivered(msg)
                 self.count[DELIVERED] += sent
         if self.count[QUEUED_BYTES] > store.max_bytes:
             store.trim(now)
 
-    def to_waiters(self, id_: bytes, mid: bytes, message: bytes, msg, plain=None) -> int:
+    def to_waiters(self, id_: bytes, key: int, mid: bytes, message: bytes, msg,
+                   plain=None) -> int:
         """Answer every poll waiting on id_, write to every stream; returns how many had it
         whole now (a stream that is behind counts it when written). `msg`: the kept Message,
         None for a broadcast. `plain`: the answer to a poll without callback or gap, when the
@@ -1399,7 +1407,10 @@ class Worker:
         w = self.waiters[id_]
         sent = 0
         event = None
+        behind = self.cursors  # None but while a late history comes in (release)
         for fd in [w] if w.__class__ is int else list(w):
+            if behind and behind.get(fd, -1) >= key:
+                continue  # older than what this client has: it stays waiting
             if self.is_stream[fd]:
                 if event is None:
                     event = sse_event(mid, message)
@@ -1415,13 +1426,13 @@ class Worker:
                 sent += self.answer(fd, self.message_response(message, mid, callback, gap))
         return sent
 
-    def broadcast(self, mid: bytes, message: bytes) -> None:
+    def broadcast(self, key: int, mid: bytes, message: bytes) -> None:
         """To every poll and stream waiting at this moment; kept in no history (SPEC)."""
         count = self.count
         plain = self.message_response(message, mid, None, False)
         for k, id_ in enumerate(list(self.waiters)):
             if id_ in self.waiters:  # (a stream pushed out above may have been its last)
-                count[DELIVERED] += self.to_waiters(id_, mid, message, None, plain)
+                count[DELIVERED] += self.to_waiters(id_, key, mid, message, None, plain)
             if not k % BEAT_EVERY:  # 500,000 answers take seconds: still alive
                 count[BEAT_NS] = time.monotonic_ns()
 
@@ -1435,6 +1446,8 @@ class Worker:
             self.at_capacity(fd)
             return
         self.wait(fd, id_)
+        if cursor is not None and self.cursors is not None:
+            self.cursors[fd] = cursor
         self.is_stream[fd] = 1
         self.count[STREAMS] += 1
         # The listener corks every connection, for the FIN to ride on an answer's last
@@ -1722,19 +1735,26 @@ class Worker:
             if kind == MSG:
                 self.deliver(id_, ms << SEQ_BITS | seq, b"%d-%d" % (ms, seq), message)
             elif kind == BROADCAST:
-                self.broadcast(b"%d-%d" % (ms, seq), message)
-            else:
-                self.release()
+                self.broadcast(ms << SEQ_BITS | seq, b"%d-%d" % (ms, seq), message)
+            elif kind == READY:
+                self.release(partial=ms == 1)
+            else:  # CAUGHT_UP
+                self.cursors = None
             count[LINK_DONE] = base + end
         self.link_in = data[used:]
 
-    def release(self) -> None:
+    def release(self, partial: bool) -> None:
         """READY: start accepting (--hold). Connections that came meanwhile wait in the
-        backlog; a draining worker has stopped listening for good."""
+        backlog; a draining worker has stopped listening for good. `partial`: the node's
+        history will come late (Redis was unreachable), older than what cursors may say:
+        until CAUGHT_UP, waiting cursors are kept (`cursors`) and messages at or below one
+        are not sent to it (to_waiters)."""
         if self.held and not self.draining:
             self.epoll.modify(self.listen_fd, select.EPOLLIN | select.EPOLLET)
             self.accept_hot = True
         self.held = False
+        if partial and self.cursors is None:
+            self.cursors = {}
 
     # -- timers ------------------------------------------------------------------------------
 

@@ -502,7 +502,7 @@ def test_streams_are_trimmed_by_age(redis_server):
         with socket.create_connection(("127.0.0.1", c.nodes[0].app_port), timeout=5) as s:
             s.sendall(b"".join(b"\x02%s\x00m%d\x00" % (id_.encode(), i) for i in range(300)))
             wait_until(lambda: redis_server.call("XLEN", "trim:0") == 300, what="300 entries")
-        time.sleep(1.5)
+        time.sleep(1.5)  # past --queue-ttl (the MINID is recomputed every 0.1 s here)
         publish(c.nodes[0], id_, b"new")
         assert redis_server.call("XLEN", "trim:0") < 100
     finally:
@@ -579,3 +579,131 @@ def test_a_node_works_without_hiredis(redis_server, tmp_path):
         assert (status, body, headers["x-message-id"]) == (200, b"parsed in Python", mid)
     finally:
         node.stop()
+
+
+def test_a_cursor_is_never_answered_with_an_older_message_when_the_replay_comes_late(
+        redis_server):
+    """Redis not answering at start (DEBUG SLEEP: a partition, or a Redis loading its data):
+    the workers serve at once, and the history comes when Redis answers, older than the
+    cursors clients bring. A poll or stream waiting with a cursor gets the first message above
+    it, not the first replayed (SPEC "History and the cursor")."""
+    id_ = "x"
+    ms = time.time_ns() // 1_000_000 - 10_000  # within --queue-ttl
+    redis_server.call("XADD", "lateall:0", f"{ms}-1", "id", id_, "message", "older")
+    redis_server.call("XADD", "lateall:0", f"{ms}-9", "id", id_, "message", "newer")
+    sleeper = threading.Thread(target=lambda: RedisServer.call(
+        redis_server, "DEBUG", "SLEEP", "4"))
+    sleeper.start()
+    time.sleep(0.1)
+    base = free_port_block(W + 1)
+    node = None
+    try:
+        node = Node(0, base, ["--redis", redis_server.url, "--stream-prefix", "lateall",
+                              "--status-interval", "0"])
+        port = base + server.owner(id_.encode(), W)
+        s = start_poll(port, f"/{id_}.js?since={ms}-5")
+        stream = socket.create_connection(("127.0.0.1", port), timeout=10)
+        stream.sendall(f"GET /{id_}.sse?since={ms}-5 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        wait_until(lambda: waiting(node) == 2, what="poll and stream waiting")
+        assert node.stats()["redis"] == "down"  # still asleep: the replay is yet to come
+        status, headers, body = read_response(s)
+        s.close()
+        assert (status, body, headers["x-message-id"]) == (200, b"newer", f"{ms}-9")
+        got = b""
+        while b"newer" not in got:
+            chunk = stream.recv(4096)
+            assert chunk, got
+            got += chunk
+        stream.close()
+        assert b"older" not in got and f"id: {ms}-9".encode() in got, got
+        # Caught up: a poll without a cursor gets the oldest not had, "older".
+        status, headers, body = get(port, f"/{id_}.js")
+        assert (body, headers["x-message-id"]) == (b"older", f"{ms}-1")
+    finally:
+        sleeper.join()
+        if node is not None:
+            node.stop()
+
+
+def test_publishes_are_refused_within_2_s_when_redis_hangs(redis_server):
+    """"Publishes are refused within 2 s": also one made while an earlier batch waits for a
+    Redis that stopped answering (DEBUG SLEEP: as a network partition looks)."""
+    base = free_port_block(W + 1)
+    node = Node(0, base, ["--redis", redis_server.url, "--stream-prefix", "hang",
+                          "--status-interval", "0"])
+    sleeper = None
+    try:
+        publish(node, "warm", b"x")
+        sleeper = threading.Thread(target=lambda: RedisServer.call(
+            redis_server, "DEBUG", "SLEEP", "3"))
+        sleeper.start()
+        time.sleep(0.1)
+        took = {}
+
+        def timed(name: str, id_: str) -> None:
+            t = time.monotonic()
+            status, reply = post(node, f"/send/{id_}", b"x")
+            took[name] = (time.monotonic() - t, status, reply)
+        first = threading.Thread(target=timed, args=("first", "a"))
+        first.start()
+        time.sleep(0.3)  # the first batch is in flight
+        timed("second", "b")
+        first.join()
+        for name, (seconds, status, reply) in took.items():
+            assert status == 503 and "redis" in reply["error"], (name, reply)
+            assert seconds < 2.0, (name, seconds)
+    finally:
+        if sleeper is not None:
+            sleeper.join()
+        node.stop()
+
+
+def test_an_entry_that_can_never_fit_an_outbox_is_dropped_and_the_rest_goes_on(
+        redis_server):
+    """An entry bigger than a worker's outbox (--queue-bytes; an app's own XADD) would hold
+    the reader for good, and a restarted node's workers: dropped and counted instead."""
+    base = free_port_block(W + 1)
+    args = ["--redis", redis_server.url, "--stream-prefix", "poison", "--queue-bytes", "4096",
+            "--status-interval", "0"]
+    node = Node(0, base, args)
+    try:
+        big, small = "big", next(f"s{i}" for i in range(100)
+                                 if server.owner(f"s{i}".encode(), W) !=
+                                 server.owner(b"big", W))
+        redis_server.call("XADD", "poison:0", "*", "id", big, "message", "x" * 5000)
+        mid = redis_server.call("XADD", "poison:0", "*", "id", small, "message", "fits").decode()
+        status, headers, body = get(base + server.owner(small.encode(), W), f"/{small}.js")
+        assert (body, headers["x-message-id"]) == (b"fits", mid)
+        assert node.stats()["manager"]["stream_rejected"] == 1
+        node.stop()
+        node.start()  # the replay meets the same entry, and the workers are released
+        assert get(base + server.owner(small.encode(), W), "/_info", timeout=5)[0] == 200
+    finally:
+        node.stop()
+
+
+def test_an_ipv6_host_is_one_node_in_brackets(redis_server):
+    """--redis alone on --host ::1: the node's own --nodes entry is [::1]:BASE (a bare ::1:BASE
+    is no HOST:PORT, and the workers would refuse it)."""
+    base = free_port_block(W + 1)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "manager.py"), "--host", "::1",
+                             "--workers", str(W), "--base-port", str(base), "--app-port",
+                             str(base + W), "--redis", redis_server.url, "--status-interval",
+                             "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("::1", base), timeout=2) as s:
+                    s.sendall(b"GET /_info HTTP/1.1\r\nHost: x\r\n\r\n")
+                    status, _, body = read_response(s)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        assert status == 200 and json.loads(body)["hosts"] == [f"[::1]:{base}"]
+    finally:
+        proc.send_signal(15)
+        out = proc.communicate(timeout=10)[0]
+    assert "exited with status" not in out, out

@@ -206,7 +206,7 @@ def test_a_long_broadcast_beats_the_heart_as_it_goes(thread_worker, monkeypatch)
     wait_until(lambda: w.accept() or len(w.waiters) == 120, what="120 waiting")
     w.count[link.BEAT_NS] = 0
     before = time.monotonic_ns()
-    w.broadcast(b"1-0", b"all")
+    w.broadcast(1 << 64, b"1-0", b"all")
     assert w.count[link.BEAT_NS] >= before
     assert tw.count("delivered") == 120
     for s in socks:
