@@ -10,6 +10,7 @@ everything, so a deadline built from it never fires.
 import argparse
 import ipaddress
 import math
+import re
 
 
 def _number(kind, text: str, ok, expected: str):
@@ -43,6 +44,60 @@ def non_negative_int(text: str) -> int:
 
 def port(text: str) -> int:
     return _number(int, text, lambda v: 1 <= v <= 65535, "a port number 1-65535")
+
+
+MAX_HOSTS = 1024        # --hosts entries: each is a box; far more than one Redis serves
+HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")   # a name or IPv4 literal
+
+
+def host_ports(text: str) -> tuple[tuple[str, int | None], ...]:
+    """`HOST[:PORT],HOST[:PORT],...` (client.py --hosts), in order: a name, an IPv4 address, or
+    an IPv6 address in brackets (`[::1]:8000`, kept with its brackets, as a Host header wants
+    it). A PORT left out is None: the caller's default. Every entry once; at most MAX_HOSTS."""
+    entries = text.split(",")
+    if len(entries) > MAX_HOSTS:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_HOSTS} HOST[:PORT] entries, got {len(entries)}")
+    out: list[tuple[str, int | None]] = []
+    for i, entry in enumerate(entries, 1):
+        try:
+            value = _host_port(entry)
+            if value in out:
+                raise ValueError("named twice")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(
+                f"expected HOST[:PORT] entries separated by commas (such as "
+                f"10.0.0.1,10.0.0.2:8000 or [::1]:8000), got {entry!r} (entry {i}): {e}"
+            ) from None
+        out.append(value)
+    return tuple(out)
+
+
+def _host_port(entry: str) -> tuple[str, int | None]:
+    """One `HOST[:PORT]`; ValueError saying what is wrong with it."""
+    if not entry.strip():
+        raise ValueError("an empty entry")
+    if entry.startswith("["):
+        inside, bracket, rest = entry[1:].partition("]")
+        try:
+            host = "[" + ipaddress.IPv6Address(inside).compressed + "]"
+        except ValueError:
+            raise ValueError("not an IPv6 address in the brackets") from None
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("write [IPv6] or [IPv6]:PORT")
+        port_text = rest[1:] if rest else None
+    elif entry.count(":") > 1:
+        raise ValueError("an IPv6 address goes in brackets: [::1]:8000")
+    else:
+        host, colon, port_text = entry.partition(":")
+        port_text = port_text if colon else None
+        if not HOSTNAME_RE.fullmatch(host):
+            raise ValueError("a host is a name or an address: letters, digits, '.', '-', '_'")
+    if port_text is None:
+        return host, None
+    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        raise ValueError("a port is a number 1-65535")
+    return host, int(port_text)
 
 
 def _visible_ascii(text: str, spaces: bool) -> bool:
