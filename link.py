@@ -6,7 +6,9 @@ Manager -> worker: frames on the link, a UNIX stream socket (fd 4 in the worker)
 
 all big-endian. MSG carries an id and a message; BROADCAST a message and an empty id. Both
 carry the message id `<ms>-<seq>` the manager gave the message (SPEC "Message ids"), as two
-integers: a replayed frame keeps its id. Nothing else is sent: a worker's death is the link's
+integers: a replayed frame keeps its id. READY (empty, id 0-0) is sent only to workers started
+with --hold (a node on Redis): the history replayed from the node's stream is in, start
+accepting connections (nodes.py). Nothing else is sent: a worker's death is the link's
 EOF, and the manager's is the worker's.
 
 Worker -> manager: a page of shared memory (a memfd, fd 5 in the worker, mapped by both), an
@@ -37,8 +39,8 @@ import struct
 
 HEAD = struct.Struct("!cBIQQ")
 HEAD_SIZE = HEAD.size  # 22
-MSG, BROADCAST = b"M", b"B"
-KINDS = (MSG, BROADCAST)
+MSG, BROADCAST, READY = b"M", b"B", b"R"
+KINDS = (MSG, BROADCAST, READY)
 MAX_ID = 255  # the id length is one byte; valid ids are at most 128 bytes anyway
 MAX_PAYLOAD = 2**32 - 1
 

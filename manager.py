@@ -60,7 +60,7 @@ from pathlib import Path
 import link
 import options
 import server
-from link import BEAT_NS, BROADCAST, LINK_DONE, WAITING
+from link import BEAT_NS, BROADCAST, LINK_DONE, READY, WAITING
 from server import LINK_FD, LISTEN_FD, PAGE_FD, HTTPError, parse_request, valid_id
 from tuning.check import manager_capacity_line, port_clash_hint, raise_nofile
 
@@ -68,6 +68,7 @@ from tuning.check import manager_capacity_line, port_clash_hint, raise_nofile
 # Constants
 # ---------------------------------------------------------------------------------------------
 
+READY_FRAME = link.encode(READY, b"", b"", 0, 0)
 SERVER_PY = str(Path(__file__).resolve().parent / "server.py")
 FLOW_HIGH = 4 * 1024 * 1024  # unacknowledged bytes for one worker that pause the app...
 FLOW_LOW = 1024 * 1024  # ... and resume it
@@ -204,7 +205,8 @@ def high_dup(fd: int) -> int:
 
 
 class Flow:
-    """Open while no worker is behind. `reasons` says who closed it (worker numbers)."""
+    """Open while no worker is behind. `reasons` says who closed it (worker numbers, and
+    "redis" while too much waits for Redis on a node)."""
 
     def __init__(self):
         self.open = asyncio.Event()
@@ -280,6 +282,13 @@ class Outbox:
             if len(unsent) == 1:  # the first of this loop pass
                 self.flush_soon(self)
         return True
+
+    def put_control(self, data: bytes) -> None:
+        """A frame that is not a message (READY): never refused, it carries nothing."""
+        self.unsent.append(data)
+        self.bytes += len(data)
+        if self.link is not None:
+            self.flush_soon(self)
 
     def flush(self) -> None:
         if self.link is None or not self.unsent:
@@ -372,6 +381,8 @@ class Link(asyncio.Protocol):
         transport.set_write_buffer_limits(high=2**62)
         if self.slot.link is self:
             self.slot.outbox.attach(transport)
+            if self.supervisor.hold and not self.supervisor.held:
+                self.slot.outbox.put_control(READY_FRAME)  # after what it replays
         else:  # its worker died before the link was set up: it was reaped already
             transport.close()
 
@@ -401,6 +412,10 @@ class Supervisor:
         self.flushing: set = set()  # outboxes to flush at the end of this loop pass
         self.batching = False  # an AppProtocol read is being routed: it flushes at its end
         self.ack_poll = None  # timer while the flow is blocked
+        # --redis: workers start with --hold and accept once the node's history is replayed
+        # from its stream (nodes.StreamReader calls release).
+        self.hold = opts.redis is not None
+        self.held = self.hold
         # Up (/healthz, megacomet_up): a live loop passes at least every beat interval.
         self.up_beat_age = UP_BEATS * min(server.BEAT_INTERVAL, opts.worker_timeout / 4)
 
@@ -431,7 +446,10 @@ class Supervisor:
                 "--public-base-port", str(o.public_base_port or o.base_port),
                 "--trusted-proxy", ",".join(map(str, o.trusted_proxy))] + (
                     ["--subscriber-key-file", o.subscriber_key_file]
-                    if o.subscriber_key_file is not None else [])
+                    if o.subscriber_key_file is not None else []) + (
+                    ["--hold", "--node", "{}/{}".format(*o.node),
+                     "--nodes", ",".join(f"{h}:{p}" for h, p in o.nodes)]
+                    if o.redis is not None else [])
 
     def spawn(self, slot: Slot) -> None:
         if not slot.listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
@@ -575,6 +593,13 @@ class Supervisor:
 
     # -- outboxes: flushed once a loop pass, acknowledged from the pages ---------------------
 
+    def release(self) -> None:
+        """The replay is in the outboxes: every worker may accept (READY, after it)."""
+        if self.held:
+            self.held = False
+            for slot in self.slots:
+                slot.outbox.put_control(READY_FRAME)
+
     def flush_soon(self, outbox: Outbox) -> None:
         if not self.flushing and not self.batching:
             self.loop.call_soon(self.flush)
@@ -591,7 +616,7 @@ class Supervisor:
     def poll_acks(self) -> None:
         """While the flow is blocked nothing else wakes us when a worker catches up."""
         self.ack_poll = None
-        for n in list(self.flow.reasons):
+        for n in [r for r in self.flow.reasons if r.__class__ is int]:
             slot = self.slots[n]
             slot.outbox.ack(slot.page[LINK_DONE])
             slot.outbox.flush()
@@ -816,6 +841,19 @@ class Router:
         self.messages_in += 1
         return (ms, seq), None
 
+    def deliver(self, n: int, frame: bytes) -> bool:
+        """A node's stream entry (nodes.StreamReader) to worker n; False while its outbox is
+        full or the manager stops (the entry stays in the stream)."""
+        return not self.supervisor.stopping and self.slots[n].outbox.put(frame)
+
+    def deliver_all(self, frame: bytes) -> bool:
+        """A broadcast entry to every worker, or to none yet."""
+        if self.supervisor.stopping or not all(s.outbox.room(len(frame)) for s in self.slots):
+            return False
+        for slot in self.slots:
+            slot.outbox.put(frame)
+        return True
+
     def broadcast(self, message: bytes) -> tuple:
         size = link.HEAD_SIZE + len(message)
         for slot in self.slots:
@@ -880,6 +918,16 @@ MANAGER_METRICS = (
 )
 
 
+# A node's (--redis): (name, type, field of /stats "manager", or "redis", help).
+NODE_METRICS = (
+    ("megacomet_redis_up", "gauge", "redis", "1 while Redis answers this node."),
+    ("megacomet_stream_read_total", "counter", "stream_read",
+     "Entries of this node's stream handed to its workers."),
+    ("megacomet_stream_rejected_total", "counter", "stream_rejected",
+     "Entries of this node's stream dropped: not its id, a bad id, missing fields."),
+)
+
+
 def metrics_text(stats: dict) -> bytes:
     """The Prometheus text exposition format (0.0.4) of a /stats answer."""
     lines = []
@@ -895,6 +943,10 @@ def metrics_text(stats: dict) -> bytes:
     for name, kind, field, doc in MANAGER_METRICS:
         lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}",
                   f"{name} {int(stats['manager'][field])}"]
+    if "redis" in stats:  # a node (--redis)
+        for name, kind, field, doc in NODE_METRICS:
+            value = stats["redis"] == "up" if field == "redis" else stats["manager"][field]
+            lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", f"{name} {int(value)}"]
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -956,7 +1008,7 @@ class AppProtocol(asyncio.BufferedProtocol):
         while True:
             supervisor.batching = True
             try:
-                used, gated, why = self.app.binary_frames(self.buf, self.first)
+                used, gated, why = self.app.binary_frames(self.buf, self.first, self)
             finally:
                 supervisor.batching = False
                 if supervisor.flushing:
@@ -976,6 +1028,15 @@ class AppProtocol(asyncio.BufferedProtocol):
         if not flow.open.is_set() and (gated or not self.buf):
             self.transport.pause_reading()
             flow.paused.add(self)
+
+    def handed(self, fut) -> None:
+        """--redis: Redis's answer for the last frame of a read. A frame it did not take
+        closes the connection: the publisher has no other way to hear it (SPEC)."""
+        why = fut.result()[1]
+        if why is not None and not self.transport.is_closing():
+            self.app.app_error_bare(f"binary frame not handed over: {why}")
+            self.buf = b""
+            self.transport.close()
 
     def resume(self) -> None:
         if self.transport.is_closing():
@@ -1008,9 +1069,10 @@ class AppProtocol(asyncio.BufferedProtocol):
 
 
 class AppServer:
-    def __init__(self, opts, router: Router, supervisor: Supervisor, flow: Flow):
+    def __init__(self, opts, router: Router, supervisor: Supervisor, flow: Flow, node=None):
         self.opts = opts
-        self.router = router
+        self.router = router  # a Router, or on a node (--redis) a nodes.RedisRouter
+        self.node = node  # --redis: the nodes.Node
         self.supervisor = supervisor
         self.flow = flow
         self.app_rejected = 0
@@ -1024,8 +1086,11 @@ class AppServer:
                         "app_connections": self.app_connections,
                         "outbox_messages": sum(len(sl.outbox.unsent) for sl in
                                                self.supervisor.slots),
-                        "paused": sorted(self.flow.reasons),
+                        "paused": sorted(self.flow.reasons, key=str),
                         "draining": self.supervisor.stopping}
+        if self.node is not None:
+            s["redis"] = "up" if self.node.state.up else "down"
+            s["manager"].update(self.node.stats())
         return s
 
     def get(self, req, keep: bool):
@@ -1102,11 +1167,12 @@ class AppServer:
     def gated(self) -> bool:
         return not self.flow.open.is_set()
 
-    def binary_frames(self, buf: bytes, first: bool) -> tuple:
+    def binary_frames(self, buf: bytes, first: bool, conn) -> tuple:
         """The original's frames: 0x02 <id> 0x00 <message> 0x00, repeated, no reply. Routes
         the whole ones at the start of buf; returns (bytes used, gated, error or None).
         Once the gate is closed, the frames after the one in hand wait (`gated`), except in
-        a connection's first read, taken whole."""
+        a connection's first read, taken whole. On a node (--redis) Redis answers later:
+        `conn.handed` hears of each frame's fate."""
         max_message = self.opts.max_message
         pos, size = 0, len(buf)
         while pos < size:
@@ -1127,9 +1193,11 @@ class AppServer:
                 if size - id_end - 1 > max_message:
                     return pos, False, f"message over --max-message {max_message}"
                 break
-            _, refused = self.router.send_one(id_, buf[id_end + 1:msg_end])
+            mid, refused = self.router.send_one(id_, buf[id_end + 1:msg_end])
             if refused is not None:  # the frames before it were taken
                 return pos, False, f"binary frame refused: {refused}"
+            if mid.__class__ is not tuple:
+                mid.add_done_callback(conn.handed)
             pos = msg_end + 1
         return pos, False, None
 
@@ -1142,6 +1210,7 @@ class AppServer:
         authed = self.opts.app_token is None
         line_max = self.opts.max_message * 8 + 4096  # room for JSON's escapes
         first = True  # the first read is taken whole, gate or not (see app_connection)
+        out = []  # this read's replies, in order (on a node some are Redis's, to come)
         while True:
             pos = 0
             gated = False
@@ -1156,7 +1225,11 @@ class AppServer:
                 if not line.strip():
                     continue
                 reply, authed = self.json_line(line, authed)
-                writer.write(json.dumps(reply).encode() + b"\n")
+                out.append(reply)
+            if out:
+                await self.settle(out)
+                writer.write(b"".join(json.dumps(r).encode() + b"\n" for r in out))
+                out.clear()
             buf = buf[pos:]
             first = False
             if len(buf) > line_max and not gated:
@@ -1210,7 +1283,7 @@ class AppServer:
             return no(f"message over --max-message ({self.opts.max_message} bytes)")
         if obj.get("broadcast") is True:
             mid, refused = self.router.broadcast(message)
-            return (no(refused) if refused else ({"ok": True, "mid": "{}-{}".format(*mid)}, authed))
+            return (no(refused) if refused else (self.json_reply(mid), authed))
         if "id" in obj:
             ids = [obj["id"]]
         elif "ids" in obj and isinstance(obj["ids"], list):
@@ -1223,7 +1296,25 @@ class AppServer:
                 return no(f"invalid id {str(id_)[:40]!r}: 1-128 of [A-Za-z0-9_~-]")
             raw.append(id_.encode())
         mid, refused = self.router.send(raw, message)  # all valid: none is half-delivered
-        return no(refused) if refused else ({"ok": True, "mid": "{}-{}".format(*mid)}, authed)
+        return no(refused) if refused else (self.json_reply(mid), authed)
+
+    def json_reply(self, mid):
+        if mid.__class__ is tuple:
+            return {"ok": True, "mid": "{}-{}".format(*mid)}
+        return self.json_later(mid)
+
+    async def json_later(self, fut) -> dict:
+        mid, refused = await fut
+        if refused is not None:
+            self.app_rejected += 1
+            return {"ok": False, "error": refused}
+        return {"ok": True, "mid": "{}-{}".format(*mid)}
+
+    async def settle(self, out: list) -> None:
+        """Replies Redis has yet to give (--redis), awaited in order, in place."""
+        for i, reply in enumerate(out):
+            if asyncio.iscoroutine(reply):
+                out[i] = await reply
 
     async def serve_http(self, reader, writer, buf: bytes) -> None:
         """HTTP/1.1 with keep-alive: POST /send/<id>, POST /broadcast, GET /stats.
@@ -1262,6 +1353,7 @@ class AppServer:
                 if req is None or len(buf) < used + length:
                     scanned = used if req is None else 0  # a whole head is parsed again: cheap
                     if out:
+                        await self.settle(out)
                         writer.write(b"".join(out))
                         out.clear()
                     await writer.drain()
@@ -1281,12 +1373,14 @@ class AppServer:
                 if not keep:
                     return
                 if not first and len(buf) > pos and self.gated():  # the next ones wait
+                    await self.settle(out)
                     writer.write(b"".join(out))
                     out.clear()
                     await writer.drain()
                     await self.flow.open.wait()
         finally:
             if out:
+                await self.settle(out)
                 writer.write(b"".join(out))
                 await writer.drain()
 
@@ -1339,13 +1433,22 @@ class AppServer:
             else:
                 mid, refused = self.router.send_one(path[6:], body)
             if refused is not None:
-                self.app_rejected += 1
-                return http_reply(503, {"ok": False, "error": refused}, keep,
-                                  b"Retry-After: 1\r\n")
+                return self.publish_refused(refused, keep)
+            if mid.__class__ is not tuple:
+                return self.http_later(mid, keep)
             return accepted_reply(mid, keep)
         if path in GET_PATHS:
             return no(405, "use GET")
         return no(404, "POST /send/<id>, POST /broadcast, GET /stats, /metrics or /healthz")
+
+    def publish_refused(self, why: str, keep: bool) -> bytes:
+        self.app_rejected += 1
+        return http_reply(503, {"ok": False, "error": why}, keep, b"Retry-After: 1\r\n")
+
+    async def http_later(self, fut, keep: bool) -> bytes:
+        mid, refused = await fut
+        return self.publish_refused(refused, keep) if refused is not None else \
+            accepted_reply(mid, keep)
 
     async def status_lines(self) -> None:
         interval = self.opts.status_interval
@@ -1366,7 +1469,8 @@ class AppServer:
                 f"{(t['delivered'] - last_delivered) / interval:,.0f}/s queued "
                 f"{t['queued_messages']:,} dropped {t['dropped']:,} expired {t['expired']:,} "
                 f"lost {t['lost']:,} | rss {t['rss_bytes'] / 2**20:,.1f} MiB, "
-                f"{per_conn:,.0f} B/conn | workers {up}/{len(slots)} up")
+                f"{per_conn:,.0f} B/conn | workers {up}/{len(slots)} up" +
+                (f" | redis: {s['redis']}" if self.node is not None else ""))
             last_accepted, last_delivered, last_in = t["accepted"], t["delivered"], messages_in
 
 
@@ -1381,7 +1485,11 @@ async def run(opts) -> int:
     supervisor = Supervisor(opts, flow)
     supervisor.open_ports()
     router = Router(supervisor)
-    app = AppServer(opts, router, supervisor, flow)
+    node = None
+    if opts.redis is not None:
+        import nodes  # only here: the one-box manager never needs the redis package
+        node = nodes.Node(opts, router, supervisor, flow)
+    app = AppServer(opts, router if node is None else node.router, supervisor, flow, node)
     try:
         server_ = await loop.create_server(lambda: AppProtocol(app), opts.app_host,
                                            opts.app_port, backlog=opts.backlog)
@@ -1398,12 +1506,16 @@ async def run(opts) -> int:
         f"{opts.base_port + opts.workers - 1}, app port {opts.app_host}:{opts.app_port}, "
         f"pid {os.getpid()}")
     tasks = [loop.create_task(supervisor.watchdog())]
+    if node is not None:
+        tasks += [loop.create_task(t) for t in node.tasks()]
     if opts.status_interval > 0:
         tasks.append(loop.create_task(app.status_lines()))
     await supervisor.done.wait()
     server_.close()
     for task in tasks:
         task.cancel()
+    if node is not None:
+        await node.close()
     supervisor.reap()
     return supervisor.exit_code
 
@@ -1485,8 +1597,37 @@ def parse_args(argv=None):
     p.add_argument("--drain", type=options.non_negative, default=2.0,
                    help="SIGTERM: seconds over which the workers answer their waiting polls "
                         "204 and end their streams before exiting (0: all at once)")
+    p.add_argument("--redis", metavar="URL", default=None,
+                   help="several boxes sharing one Redis (redis://HOST:6379/0): publishes "
+                        "go through the owner node's stream (needs the redis package)")
+    p.add_argument("--node", type=options.node_of, default=None, metavar="K/N",
+                   help="with --redis: this box is node K of N, K from 0 (default 0/1)")
+    p.add_argument("--nodes", type=options.host_list, default=None,
+                   metavar="HOST0[:BASE0],...",
+                   help="with --redis: every node as clients reach it, in node order (BASE "
+                        "default: this node's --base-port)")
+    p.add_argument("--stream-prefix", type=options.stream_prefix, default="megacomet",
+                   help="with --redis: node k reads the stream PREFIX:k (default megacomet)")
     opts = p.parse_args(argv)
     last = opts.base_port + opts.workers - 1
+    if opts.redis is None:
+        if opts.node is not None or opts.nodes is not None:
+            p.error("--node and --nodes are for several boxes sharing one Redis: add --redis")
+    else:
+        opts.node = opts.node or (0, 1)
+        if opts.nodes is None:
+            if opts.node[1] > 1:
+                p.error(f"--node {opts.node[0]}/{opts.node[1]}: --nodes must name the "
+                        f"{opts.node[1]} nodes")
+            wildcard = opts.host in ("", "0.0.0.0", "::")
+            opts.nodes = ((socket.gethostname() if wildcard else opts.host, None),)
+        if len(opts.nodes) != opts.node[1]:
+            p.error(f"--nodes names {len(opts.nodes)} nodes, --node {opts.node[0]}/"
+                    f"{opts.node[1]} says {opts.node[1]}")
+        opts.nodes = tuple((h, opts.base_port if b is None else b) for h, b in opts.nodes)
+        if not opts.redis.startswith(("redis://", "rediss://", "unix://")):
+            p.error(f"--redis: expected a URL redis://[:PASSWORD@]HOST[:PORT][/DB] (or "
+                    f"rediss://, unix://), got {opts.redis!r}")
     if last > 65535:
         p.error(f"--base-port {opts.base_port} + --workers {opts.workers} runs past port 65535 "
                 f"(the last worker would listen on {last})")
@@ -1514,6 +1655,13 @@ def main(argv=None) -> int:
     # reload right after the start (systemctl start; systemctl reload) waits instead.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     opts = parse_args(argv)
+    if opts.redis is not None:
+        import nodes
+        try:
+            nodes.redis_module()
+        except nodes.RedisMissing as e:
+            print(e, file=sys.stderr)
+            return 2
     if opts.subscriber_key_file is not None:
         # Absolute: the workers read it (at start, on SIGHUP) whatever their directory.
         opts.subscriber_key_file = os.path.abspath(opts.subscriber_key_file)

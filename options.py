@@ -141,3 +141,44 @@ def networks(text: str) -> tuple:
                 f"expected IP addresses or networks separated by commas (such as 127.0.0.1 "
                 f"or 127.0.0.0/8), got {part!r} ({e})") from None
     return tuple(nets)
+
+
+HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::([0-9]+))?")
+MAX_NODES = 1024
+
+
+def host_list(text: str) -> tuple:
+    """`HOST[:PORT],HOST[:PORT],...` (--nodes, client.py --hosts): ((host, port or None), ...),
+    in order. An IPv6 address goes in brackets ([::1]:8000): its colons would read as a port."""
+    entries = []
+    for part in text.split(","):
+        part = part.strip()
+        m = HOST_RE.fullmatch(part)
+        if m is None or (m[2] is not None and not 1 <= int(m[2]) <= 65535):
+            raise argparse.ArgumentTypeError(
+                f"expected HOST[:PORT] entries separated by commas (such as 10.0.0.1:8000,"
+                f"10.0.0.2 or [2001:db8::1]:8000), got {part!r}")
+        entries.append((m[1], None if m[2] is None else int(m[2])))
+    if len(entries) > MAX_NODES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_NODES} entries, got "
+                                         f"{len(entries):,}")
+    return tuple(entries)
+
+
+def node_of(text: str) -> tuple:
+    """`K/N` (--node): node K of N, K counting from 0."""
+    m = re.fullmatch(r"([0-9]{1,4})/([0-9]{1,4})", text.strip())
+    if m is None or not 0 <= int(m[1]) < int(m[2]) <= MAX_NODES:
+        raise argparse.ArgumentTypeError(
+            f"expected K/N, node K of N counting from 0 (such as 0/3; N at most {MAX_NODES}), "
+            f"got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def stream_prefix(text: str) -> str:
+    """--stream-prefix: part of a Redis key, printed in logs: visible ASCII, no spaces."""
+    if not _visible_ascii(text, spaces=False) or len(text) > 200:
+        raise argparse.ArgumentTypeError(
+            f"expected up to 200 visible ASCII characters, no spaces (such as megacomet), "
+            f"got {text!r}")
+    return text

@@ -90,6 +90,7 @@ import options
 from link import (
     ACCEPTED,
     BEAT_NS,
+    BROADCAST,
     CLOSED_FLOOD,
     CLOSED_HEADER_TIMEOUT,
     CLOSED_RESET,
@@ -763,6 +764,14 @@ def location(req: Request, home: int, fd: int, public: Public) -> bytes:
     return b"%s://%s:%d%s" % (scheme, host, port, target)
 
 
+def node_location(req: Request, node: tuple, home: int, scheme: bytes) -> bytes:
+    """The same URL, query kept, on another node's worker `home` (SPEC "More than one box"):
+    that node's host and base port as --nodes gives them, the public scheme."""
+    host, base = node
+    target = req.path + (b"?" + req.query if req.query else b"")
+    return b"%s://%s:%d%s" % (scheme, host.encode(), base + home, target)
+
+
 def forwarded(headers: dict, scheme: bytes, port: int, worker: int, home: int):
     """(scheme, port) for worker `home` from a trusted proxy's X-Forwarded-Proto and
     X-Forwarded-Port, each used only when well formed (else the static value stays). The
@@ -829,8 +838,20 @@ class Worker:
                          b"Connection: close\r\n\r\n%s" % (cors, SSE_RETRY))
         self.public = Public(opts.public_scheme.encode(), opts.public_base_port or
                              self.base_port, opts.trusted_proxy, self.n)
-        self.info = json.dumps({"worker": self.n, "workers": self.workers,
-                                "base_port": self.base_port}).encode()
+        # More than one node (--nodes): slot x31(id) % (N x W), node slot // W, worker
+        # slot % W; with one node the slot is the worker (SPEC "More than one box").
+        self.node, nodes = opts.node
+        self.nodes = opts.nodes
+        self.slots = nodes * self.workers
+        self.slot = self.node * self.workers + self.n
+        info = {"worker": self.n, "workers": self.workers, "base_port": self.base_port}
+        if self.nodes:
+            info.update(node=self.node, nodes=nodes,
+                        hosts=[f"{h}:{p}" for h, p in self.nodes])
+        self.info = json.dumps(info).encode()
+        # --hold: the listener is watched from the manager's READY frame on, once the node's
+        # history is replayed from Redis (link.py); connections wait in the backlog till then.
+        self.held = opts.hold
 
         self.listener = listener
         self.listen_fd = listener.fileno()
@@ -1249,10 +1270,12 @@ class Worker:
             if err is not None:
                 self.refuse(fd, err)
                 return
-        home = x31(id_) % self.workers
-        if home != self.n:
+        home = x31(id_) % self.slots
+        if home != self.slot:
             try:
-                url = location(req, home, fd, self.public)
+                node, home = divmod(home, self.workers)
+                url = location(req, home, fd, self.public) if node == self.node else \
+                    node_location(req, self.nodes[node], home, self.public.scheme)
             except HTTPError as err:
                 self.refuse(fd, err)
                 return
@@ -1698,10 +1721,20 @@ class Worker:
         for kind, id_, message, ms, seq, end in frames:
             if kind == MSG:
                 self.deliver(id_, ms << SEQ_BITS | seq, b"%d-%d" % (ms, seq), message)
-            else:
+            elif kind == BROADCAST:
                 self.broadcast(b"%d-%d" % (ms, seq), message)
+            else:
+                self.release()
             count[LINK_DONE] = base + end
         self.link_in = data[used:]
+
+    def release(self) -> None:
+        """READY: start accepting (--hold). Connections that came meanwhile wait in the
+        backlog; a draining worker has stopped listening for good."""
+        if self.held and not self.draining:
+            self.epoll.modify(self.listen_fd, select.EPOLLIN | select.EPOLLET)
+            self.accept_hot = True
+        self.held = False
 
     # -- timers ------------------------------------------------------------------------------
 
@@ -1754,7 +1787,7 @@ class Worker:
         state = self.state
         count = self.count
         listen_fd, link_fd, wake_fd = self.listen_fd, self.link_fd, self.wake_fd
-        epoll.register(listen_fd, select.EPOLLIN | select.EPOLLET)
+        epoll.register(listen_fd, 0 if self.held else select.EPOLLIN | select.EPOLLET)
         epoll.register(link_fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
         if wake_fd is not None:
             epoll.register(wake_fd, select.EPOLLIN | select.EPOLLET)
@@ -1910,6 +1943,12 @@ def parse_args(argv=None):
                         "it again)")
     p.add_argument("--drain", type=options.non_negative, default=2.0,
                    help="SIGTERM: seconds over which waiting connections are ended")
+    p.add_argument("--node", type=options.node_of, default=(0, 1),
+                   help="K/N: this worker's node of N (several boxes on Redis)")
+    p.add_argument("--nodes", type=options.host_list, default=(),
+                   help="HOST:BASE of every node, in order (with --node)")
+    p.add_argument("--hold", action="store_true",
+                   help="accept connections only from the manager's READY frame on")
     p.add_argument("--listen-fd", type=options.non_negative_int, default=LISTEN_FD)
     p.add_argument("--link-fd", type=options.non_negative_int, default=LINK_FD)
     p.add_argument("--page-fd", type=options.non_negative_int, default=PAGE_FD)
@@ -1918,6 +1957,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    if len(opts.nodes) not in (0, opts.node[1]) or any(p is None for _, p in opts.nodes):
+        log(f"worker {opts.worker}: --nodes needs HOST:BASE for each of the --node N nodes")
+        return EXIT_BOOT_ERROR
     # Ctrl-C reaches the whole process group; the manager decides when workers go.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
