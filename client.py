@@ -104,7 +104,7 @@ from typing import NamedTuple
 
 from options import (
     HOSTNAME_RE,
-    host_ports,
+    host_list,
     non_negative,
     non_negative_int,
     port,
@@ -2113,7 +2113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prefix", metavar="PREFIX", help="id prefix (one per client box: a, b, ...)")
     p.add_argument("host", metavar="HOST",
                    help="the comet server's address (with --hosts: the app host for --send)")
-    p.add_argument("--hosts", type=host_ports, metavar="H0[:BASE0],...",
+    p.add_argument("--hosts", type=host_list, metavar="H0[:BASE0],...",
                    help="several MegaComet nodes sharing one Redis: each id to node "
                         "x31(id) %% (N * W) // W, port BASEk + x31(id) %% (N * W) %% W "
                         "(BASE defaults to --base-port; W from the first node's /_info)")

@@ -2,7 +2,8 @@
 (SPEC, "More than one box: Redis"). First the parsing and the planning as pure functions, then
 whole runs on loopback: real managers on 127.0.0.2 and 127.0.0.3, and a small fake node 0 on
 127.0.0.1 whose /_info says it is node 0 of 3 (a manager without --redis says nothing about
-nodes), which holds or redirects the polls it gets and records them."""
+nodes), which holds or redirects the polls it gets and records them; and three real nodes
+sharing a redis-server (tests/test_nodes.py's Cluster)."""
 
 import asyncio
 import json
@@ -28,7 +29,7 @@ from client import (
     per_port_counts,
     slot,
 )
-from options import MAX_HOSTS, host_ports
+from options import MAX_NODES, host_list
 from server import owner, x31
 
 CLIENT = [sys.executable, str(ROOT / "client.py")]
@@ -45,9 +46,10 @@ V4 = socket.AF_INET
     ("[::1]:8000,[0:0::2]", (("[::1]", 8000), ("[::2]", None))),
     ("box-1.example.com:1", (("box-1.example.com", 1),)),
     ("a:8000,a:8001", (("a", 8000), ("a", 8001))),
+    (" a , b:1 ", (("a", None), ("b", 1))),
 ])
 def test_hosts_parse_in_order(text, parsed):
-    assert host_ports(text) == parsed
+    assert host_list(text) == parsed
 
 
 @pytest.mark.parametrize("text, words", [
@@ -66,12 +68,12 @@ def test_hosts_parse_in_order(text, parsed):
     ("[::1", "write [IPv6] or [IPv6]:PORT"),
     ("[10.0.0.1]:80", "not an IPv6 address in the brackets"),
     ("a:80,b,a:80", "got 'a:80' (entry 3): named twice"),
-    (",".join(f"h{i}" for i in range(MAX_HOSTS + 1)),
-     f"expected at most {MAX_HOSTS} HOST[:PORT] entries, got {MAX_HOSTS + 1}"),
+    (",".join(f"h{i}" for i in range(MAX_NODES + 1)),
+     f"expected at most {MAX_NODES} entries, got {MAX_NODES + 1:,}"),
 ])
 def test_bad_hosts_say_what_is_wrong(text, words):
     with pytest.raises(Exception) as e:
-        host_ports(text)
+        host_list(text)
     assert words in str(e.value)
     assert str(e.value).startswith("expected")
 
@@ -500,3 +502,46 @@ def test_an_ipv6_node_in_brackets(tmp_path):
             f"leave --source-ips out\n")
     finally:
         node.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Against three real nodes on one redis-server (tests/test_nodes.py's Cluster)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def real_cluster():
+    from test_nodes import Cluster, RedisServer
+    redis = RedisServer()
+    try:
+        cluster = Cluster(redis.url, "hosts")
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+    finally:
+        redis.stop()
+
+
+def test_three_real_nodes_no_redirects_and_every_message_delivered(real_cluster, tmp_path):
+    c = real_cluster
+    hosts = ",".join(f"127.0.0.1:{b}" for b in c.bases)
+    out = tmp_path / "s.json"
+    base = [*CLIENT, "r", "127.0.0.1", "--app-port", str(c.nodes[1].app_port),
+            "--max-time", "30", "--json", str(out)]
+    p = subprocess.run([*base, "--hosts", hosts, "--conns", "1200", "--send", "300",
+                        "--send-rate", "0"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    s = json.loads(out.read_text())
+    assert "307" not in s["status"] and s["ids_opened"] == 1200, s["status"]
+    assert s["sent"] == s["received"] == 300 and s["lost"] == 0     # through node 1's app port
+    assert s["hosts"] == hosts.split(",")
+    # In another order the first entry is not node 0: refused before anything opens.
+    swapped = ",".join(hosts.split(",")[::-1])
+    p = subprocess.run([*base, "--hosts", swapped, "--conns", "10"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "but that is node 2 of 3" in p.stderr, p.stderr
+    p = subprocess.run([*base, "--hosts", hosts.rsplit(",", 1)[0], "--conns", "10"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "names 2 nodes, but" in p.stderr and "says 3" in p.stderr
