@@ -5,7 +5,9 @@ The Python counterpart of the original's `megatest X Y`, built the way wrk.c is 
     python client.py PREFIX HOST [--conns N] [--source-ips LIST] [--send M] [--json FILE] ...
 
 opens ids PREFIX0 ... PREFIX{N-1}, each to HOST:base_port + x31(id) % W (W asked of GET /_info),
-holds them, prints one progress line a second and a summary at the end.
+holds them, prints one progress line a second and a summary at the end. With --hosts
+H0[:BASE0],H1[:BASE1],... (several nodes sharing one Redis) the ids spread over the nodes by
+the servers' slot function: s = x31(id) % (nodes * W), to host H{s // W}, port BASE + s % W.
 
 Theory of operation
 -------------------
@@ -24,10 +26,11 @@ connect() tries the even half of the range first (bind() gets the odd half), and
 taken every further connect() scans the whole range in the kernel, under a lock. Measured: 7.7 ms
 per connect() at ~18k connections per pair, 100% system CPU; and on a 2-core box, 39,968 polls
 to 2 ports ramp at 1,962/s from one source address, 24,319/s from two. So the plan keeps each
-(source address, destination port) pair under PAIR_FILL of the even half, binding every socket to
-one of several source addresses with IP_BIND_ADDRESS_NO_PORT (the kernel then picks the port at
-connect() time, unique per 4-tuple, instead of at bind() time, unique per address). On loopback
-all of 127/8 is local, so the client picks 127.0.0.1, .2, ... itself when the count needs them.
+(source address, destination ip:port) pair under PAIR_FILL of the even half (port 8000 of two
+nodes is two destinations), binding every socket to one of several source addresses with
+IP_BIND_ADDRESS_NO_PORT (the kernel then picks the port at connect() time, unique per 4-tuple,
+instead of at bind() time, unique per address). On loopback all of 127/8 is local, so the
+client picks 127.0.0.1, .2, ... itself when the count needs them.
 
 A connection's life, which is also the order of this file:
 
@@ -36,9 +39,10 @@ A connection's life, which is also the order of this file:
                 for a long poll may take hours: there is no read timeout, by design
     answer      200: a message (latency recorded); 204: the server's poll timeout. Either way the
                 id polls again at once on a new connection, as a browser does. 307: reconnect
-                once to the owner's port. 409 (pushed out by a 5th waiter) and other 4xx: the id
-                is given up. 5xx and every failure (refused, timeout, reset, EMFILE,
-                EADDRNOTAVAIL, ...): counted by cause, retried with exponential backoff.
+                once to the owner's port (with --hosts, on the host the Location names).
+                409 (pushed out by a 5th waiter) and other 4xx: the id is given up. 5xx and
+                every failure (refused, timeout, reset, EMFILE, EADDRNOTAVAIL, ...): counted
+                by cause, retried with exponential backoff.
 
 Every outcome is counted; nothing is printed per connection.
 
@@ -96,9 +100,18 @@ from array import array
 from collections import deque
 from dataclasses import dataclass, field, fields
 from itertools import zip_longest
+from typing import NamedTuple
 
-from options import non_negative, non_negative_int, port, positive_float, positive_int
-from server import KeyFileError, owner, read_keys, sign, valid_id
+from options import (
+    HOSTNAME_RE,
+    host_list,
+    non_negative,
+    non_negative_int,
+    port,
+    positive_float,
+    positive_int,
+)
+from server import KeyFileError, read_keys, sign, valid_id, x31
 from tuning.check import raise_nofile
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +131,8 @@ CONNECT_TIMEOUT_S = 10.0    # the kernel would retry a SYN for ~127 s; a stuck r
 RETRY_BASE_S = 1.0          # failed connection: retry after 1, 2, 4 ... s,
 RETRY_MAX_S = 16.0          # at most this long, so a refusing server is not hammered
 MAX_REDIRECTS = 1           # the SPEC's server redirects at most once (to the owner's port)
+MAX_LEARNT_HOSTS = 64       # hosts a child learns from Locations beyond --hosts (each one
+                            # looked up once): a server naming more is answered by giving up
 RECV_SIZE = 65536           # one recv(); messages are at most 64 KiB (--max-message)
 MAX_EVENTS = 4096           # epoll events per loop turn
 TICK_S = 1.0                # progress line period
@@ -143,6 +158,7 @@ DEFAULT_MAX_TIME_S = 3600.0     # hard cap on a run, whatever else happens
 DEFAULT_GRACE_S = 5.0       # after the last send, wait this long for deliveries before "lost"
 DEFAULT_SEND_RATE = 1000.0  # messages a second; 0 = all at once (latency then includes queueing)
 SIGN_TTL_S = 3600           # --subscriber-key-file: each poll is signed valid for this long
+DEFAULT_APP_HOST = "127.0.0.1"  # where the manager's app port listens by default
 
 # Failure causes, in the order the progress line and the summary show them.
 CAUSES = ("refused", "timeout", "reset", "closed", "EMFILE", "EADDRNOTAVAIL", "http", "other")
@@ -213,12 +229,44 @@ def pair_limit(port_range: tuple[int, int]) -> int:
     return max(1, int((hi - lo + 1) // 2 * PAIR_FILL))
 
 
-def per_port_counts(prefix: bytes, conns: int, workers: int) -> list[int]:
-    """How many of PREFIX0..PREFIX{conns-1} each worker (destination port) gets."""
-    counts = [0] * workers
+def slot(id_: bytes, nodes: int, workers: int) -> tuple[int, int]:
+    """(node, worker) that holds `id_` when N nodes of W workers share the ids (SPEC, "More
+    than one box"): slot s = x31(id) % (N * W), node s // W, worker s % W. With one node,
+    exactly server.owner()."""
+    return divmod(x31(id_) % (nodes * workers), workers)
+
+
+def per_port_counts(prefix: bytes, conns: int, workers: int, nodes: int = 1) -> list[int]:
+    """How many of PREFIX0..PREFIX{conns-1} each destination (node, worker port) gets, at
+    index node * W + worker: ports of different nodes are different destinations."""
+    counts = [0] * (nodes * workers)
     for i in range(conns):
-        counts[owner(b"%s%d" % (prefix, i), workers)] += 1
+        node, w = slot(b"%s%d" % (prefix, i), nodes, workers)
+        counts[node * workers + w] += 1
     return counts
+
+
+def resolve(host: str) -> tuple[str, int]:
+    """(address, socket family) of a host as written in --hosts or a Location: "[v6]" is an
+    IPv6 literal; anything else is looked up as IPv4, as HOST is (gethostbyname). OSError when
+    it cannot be."""
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])), socket.AF_INET6
+        except ValueError:
+            raise OSError(f"{host} is not an IPv6 address") from None
+    return socket.gethostbyname(host), socket.AF_INET
+
+
+def overlapping_nodes(nodes, workers: int) -> str | None:
+    """Two --hosts entries whose port ranges meet on one address, in words, or None. They
+    would be one server's ports counted as two nodes': every plan here would be wrong."""
+    ordered = sorted(nodes, key=lambda node: (node.addr, node.base_port))
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        if a.addr == b.addr and a.base_port + workers > b.base_port:
+            return (f"{a.name} and {b.name} both take port {b.base_port} of {b.addr} "
+                    f"({workers} workers each)")
+    return None
 
 
 def plan_sources(max_per_port: int, port_range: tuple[int, int], explicit: list[str] | None,
@@ -385,6 +433,20 @@ class Histogram:
 
 
 @dataclass(frozen=True)
+class Node:
+    """One MegaComet box of --hosts, as this client reaches it."""
+
+    host: str                   # as written ("[::1]" for IPv6): the Host header
+    addr: str                   # its address, resolved once by the parent
+    family: int                 # socket.AF_INET or AF_INET6
+    base_port: int              # its worker 0; worker w listens on base_port + w
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.base_port}"
+
+
+@dataclass(frozen=True)
 class Config:
     """The run, decided by the parent before it forks; every child gets the same one."""
 
@@ -393,7 +455,7 @@ class Config:
     addr: str                   # ... and its IPv4 address
     loopback: bool
     conns: int
-    workers: int                # W: id -> port base_port + x31(id) % W
+    workers: int                # W: id -> port base_port + x31(id) % W (N nodes: slot())
     base_port: int
     procs: int                  # K child processes
     sources: tuple[str, ...]    # source addresses to bind, round robin; () = the kernel picks
@@ -409,6 +471,11 @@ class Config:
     app_addr: str               # ... and its IPv4 address (the Sender connects to it)
     app_port: int
     key: bytes | None = None    # --subscriber-key-file: polls are signed with this (its first)
+    nodes: tuple[Node, ...] = ()    # --hosts: id -> node by slot(); () = HOST:base_port alone
+
+    def node_list(self) -> tuple[Node, ...]:
+        """The boxes ids go to: --hosts, or HOST alone (a bracketed HOST never gets here)."""
+        return self.nodes or (Node(self.host, self.addr, socket.AF_INET, self.base_port),)
 
 
 # How the parent adds up one field of the children's reports (Report.merge).
@@ -614,16 +681,28 @@ def parse_response(buf: bytes, eof: bool) -> tuple[int, bytes | None, bytes] | N
     return status, location, body[:length]
 
 
-def location_port(location: bytes | None) -> int | None:
-    """The port of a Location such as b'http://127.0.0.1:8003/a1.js'; None if it has none."""
+def location_target(location: bytes | None) -> tuple[bytes, int] | None:
+    """(host, port) of a Location such as b'http://127.0.0.1:8003/a1.js' (an IPv6 host keeps
+    its brackets: b'[::1]'); None without a port, or with one out of range."""
     if not location:
         return None
     rest = location.split(b"://", 1)[-1]
-    hostport = rest.split(b"/", 1)[0]
+    hostport = rest.split(b"/", 1)[0].split(b"?", 1)[0]
     if hostport.startswith(b"["):
-        hostport = hostport.rsplit(b"]", 1)[-1]
+        host, bracket, after = hostport.partition(b"]")
+        host, hostport = host + bracket, after
+    else:
+        host = hostport.rpartition(b":")[0]
     _, colon, port = hostport.rpartition(b":")
-    return int(port) if colon and port.isdigit() else None
+    if not (colon and port.isdigit() and 1 <= int(port) <= 65535):
+        return None
+    return host, int(port)
+
+
+def location_port(location: bytes | None) -> int | None:
+    """The port of a Location; None if it has none."""
+    target = location_target(location)
+    return target[1] if target else None
 
 
 def message_fields(body: bytes) -> tuple[int, int] | None:
@@ -641,6 +720,14 @@ def message_fields(body: bytes) -> tuple[int, int] | None:
 # ---------------------------------------------------------------------------------------------
 
 CONNECTING, WAITING, CLOSED = 0, 1, 2
+
+
+class Dest(NamedTuple):
+    """A host a child connects to: a node of --hosts, or one a Location named."""
+
+    host: bytes                 # the Host header's host, as written ("[::1]" for IPv6)
+    addr: str
+    family: int
 EV_CONN = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
 
@@ -670,11 +757,14 @@ class Child:
         self.cfg = cfg
         self.prefix = cfg.prefix.encode()
         self.lo, self.n = lo, hi - lo
-        self.addr = cfg.addr
-        self.host_header = cfg.host.encode()
         self.key = cfg.key
-        self.base_port = cfg.base_port
         self.workers = cfg.workers
+        # Where connections go: the nodes (index k = node k), then hosts learnt from a 307's
+        # Location (with --hosts only), each looked up once.
+        self.nodes = cfg.node_list()
+        self.dests = [Dest(node.host.encode(), node.addr, node.family) for node in self.nodes]
+        self.dest_index = {dest.host: d for d, dest in enumerate(self.dests)}
+        self.follow_hosts = bool(cfg.nodes)
         self.sources = cfg.sources
         self.rate = cfg.rate / cfg.procs if cfg.rate else 0.0
         self.connect_timeout = cfg.connect_timeout
@@ -686,10 +776,12 @@ class Child:
 
         # Per-id state, in flat arrays: port 0 = not planned yet.
         self.port_of = array("H", bytes(2 * self.n))
+        self.dest_of = array("H", bytes(2 * self.n))    # index in self.dests
         self.src_of = array("H", bytes(2 * self.n))
         self.tries = bytearray(self.n)
         self.ever_open = bytearray(self.n)
-        self.rr = [0] * self.workers        # next source, per destination port
+        # next source, per destination (node, worker port)
+        self.rr = array("I", bytes(4 * len(self.nodes) * self.workers))
 
         self.next_new = 0                   # first-time connects go in id order
         self.ready: deque = deque()         # (j, port, redirects): re-poll at once
@@ -713,30 +805,34 @@ class Child:
     # -- connect -------------------------------------------------------------------------------
 
     def plan_id(self, j: int) -> None:
-        """The id's port (its owner) and source address, fixed at its first connect."""
-        w = owner(self.id_bytes(j), self.workers)
-        self.port_of[j] = self.base_port + w
+        """The id's node and port (its slot) and source address, fixed at its first connect."""
+        k, w = slot(self.id_bytes(j), len(self.nodes), self.workers)
+        self.dest_of[j] = k
+        self.port_of[j] = self.nodes[k].base_port + w
         if self.sources:
-            self.src_of[j] = self.rr[w] % len(self.sources)
-            self.rr[w] += 1
+            dest = k * self.workers + w
+            self.src_of[j] = self.rr[dest] % len(self.sources)
+            self.rr[dest] += 1
 
     def id_bytes(self, j: int) -> bytes:
         return b"%s%d" % (self.prefix, self.lo + j)
 
     def connect(self, j: int, port: int, redirects: int, now: float) -> bool:
-        """Start one non-blocking connect. False when it failed at once (counted, retried)."""
+        """Start one non-blocking connect to the id's host (dest_of) and `port`. False when it
+        failed at once (counted, retried)."""
+        dest = self.dests[self.dest_of[j]]
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = socket.socket(dest.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:
             self.count_error(e.errno)
             self.schedule_retry(j, port, now)
             return False
         try:
-            if self.sources:
+            if self.sources and dest.family == socket.AF_INET:     # sources are IPv4
                 # Port chosen at connect() time, per 4-tuple, not at bind() time per address.
                 sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((self.sources[self.src_of[j]], 0))
-            err = sock.connect_ex((self.addr, port))
+            err = sock.connect_ex((dest.addr, port))
         except OSError as e:
             err = e.errno
         if err not in (0, errno.EINPROGRESS):
@@ -793,7 +889,7 @@ class Child:
             self.ever_open[conn.j] = 1
             self.ids_opened += 1
             self.last_first_open_t = now
-        if self.sources:
+        if self.sources and self.dests[self.dest_of[conn.j]].family == socket.AF_INET:
             self.per_source[self.src_of[conn.j]] += 1
         id_ = self.id_bytes(conn.j)
         query = b""
@@ -801,7 +897,7 @@ class Child:
             exp = int(time.time()) + SIGN_TTL_S
             query = b"?exp=%d&sig=%s" % (exp, sign(self.key, id_, exp))
         conn.out = b"GET /%s.js%s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (
-            id_, query, self.host_header, conn.port)
+            id_, query, self.dests[self.dest_of[conn.j]].host, conn.port)
         self.flush(conn, now)
 
     def flush(self, conn: Conn, now: float) -> None:
@@ -869,16 +965,49 @@ class Child:
             if status == 200:
                 self.on_message(body, now)
             self.ready.append((j, port, 0))
-        elif status == 307 and conn.redirects < MAX_REDIRECTS and location_port(location):
-            new_port = location_port(location)
-            self.port_of[j] = new_port      # the server knows best; later polls go there too
-            self.ready.append((j, new_port, conn.redirects + 1))
+        elif status == 307 and conn.redirects < MAX_REDIRECTS and self.redirect(j, location):
+            # the server knows best; later polls go there too
+            self.ready.append((j, self.port_of[j], conn.redirects + 1))
         elif status >= 500:
             self.failed["http"] += 1
             self.schedule_retry(j, port, now)
         else:   # 409 pushed out, 4xx, a second 307: polling again would not help
             self.failed["http"] += 1
             self.gave_up += 1
+
+    def redirect(self, j: int, location: bytes | None) -> bool:
+        """Point id j where a 307's Location says. Its port always; its host too with --hosts
+        (another node's id), else the host stays (a proxy's public name may not resolve here).
+        False when the Location cannot be followed."""
+        target = location_target(location)
+        if target is None:
+            return False
+        host, port = target
+        if self.follow_hosts and host and host != self.dests[self.dest_of[j]].host:
+            d = self.dest_index.get(host)
+            if d is None:
+                d = self.learn(host)
+                if d is None:
+                    return False
+            self.dest_of[j] = d
+        self.port_of[j] = port
+        return True
+
+    def learn(self, host: bytes) -> int | None:
+        """A host a Location named that --hosts did not, looked up once (blocking, as the
+        parent did for --hosts): its index in self.dests, or None if it cannot be reached."""
+        if len(self.dests) >= len(self.nodes) + MAX_LEARNT_HOSTS:
+            return None
+        name = host.decode("ascii", "replace")
+        if not (HOSTNAME_RE.fullmatch(name) or name.startswith("[")):
+            return None
+        try:
+            addr, family = resolve(name)
+        except OSError:
+            return None
+        self.dests.append(Dest(host, addr, family))
+        self.dest_index[host] = d = len(self.dests) - 1
+        return d
 
     def on_message(self, body: bytes, now: float) -> None:
         self.msgs += 1
@@ -1503,10 +1632,12 @@ def fetch_server_stats(app_host: str, app_port: int) -> dict | None:
     return None
 
 
-def ask_workers(addr: str, host: str, port: int) -> int:
-    """W from GET /_info on the first worker."""
-    with socket.create_connection((addr, port), timeout=3.0) as s:
-        s.sendall(b"GET /_info HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (host.encode(), port))
+def ask_info(node: Node) -> dict:
+    """GET /_info of a node's first worker: {"worker": 0, "workers": W, "base_port": B}, and
+    on one of several nodes also "node", "nodes", "hosts". ValueError unless "workers" is a
+    count."""
+    with socket.create_connection((node.addr, node.base_port), timeout=3.0) as s:
+        s.sendall(b"GET /_info HTTP/1.1\r\nHost: %s\r\n\r\n" % node.name.encode())
         buf = b""
         while True:
             chunk = s.recv(65536)
@@ -1517,7 +1648,31 @@ def ask_workers(addr: str, host: str, port: int) -> int:
     status, _, body = answer
     if status != 200:
         raise ValueError(f"GET /_info answered {status}")
-    return int(json.loads(body)["workers"])
+    info = json.loads(body)
+    if not (isinstance(info, dict) and type(info.get("workers")) is int
+            and info["workers"] >= 1):
+        raise ValueError(f"GET /_info answered {body[:80]!r}, without a worker count")
+    return info
+
+
+def nodes_problem(info: dict, nodes: tuple[Node, ...]) -> str | None:
+    """Why the first node's /_info says --hosts does not match the servers, in one line; None
+    when it matches. A mismatch would send ids to nodes that do not hold them: every poll
+    redirected, or refused."""
+    first, n = nodes[0].name, len(nodes)
+    if "nodes" not in info:
+        if n == 1:
+            return None
+        return (f"--hosts names {n} nodes, but http://{first}/_info has no \"nodes\": that "
+                f"server is not one of several (started without --redis?)")
+    if info["nodes"] != n:
+        return (f"--hosts names {n} nodes, but http://{first}/_info says {info['nodes']!r}: "
+                f"the ids would land on the wrong nodes; list every node, in the order of the "
+                f"servers' --nodes")
+    if info.get("node", 0) != 0:
+        return (f"--hosts starts with {first}, but that is node {info['node']!r} of {n}: list "
+                f"the nodes in the order of the servers' --nodes")
+    return None
 
 
 class Parent:
@@ -1591,8 +1746,11 @@ class Parent:
 
     def check_server(self, client_open: int, client_opened: int) -> dict | None:
         """The server's totals; asked again a few times while it seems short, since it may
-        still be accepting what this client just connected."""
+        still be accepting what this client just connected. Not asked over several nodes:
+        the app port's /stats counts its own node's connections only."""
         server = None
+        if len(self.cfg.node_list()) > 1:
+            return None
         for _ in range(SERVER_CHECKS):
             server = fetch_server_stats(self.cfg.app_host, self.cfg.app_port)
             if server and self.accepted0 is not None and "accepted" in server:
@@ -1632,8 +1790,9 @@ class Parent:
         """Every pass (at most 0.2 s apart): read reports, then move the run along its phases:
         ramp -> (send) -> hold -> stop. Progress is printed once a second."""
         cfg = self.cfg
-        base = fetch_server_stats(cfg.app_host, cfg.app_port) or {}
-        self.accepted0 = base.get("accepted")
+        if len(cfg.node_list()) == 1:
+            base = fetch_server_stats(cfg.app_host, cfg.app_port) or {}
+            self.accepted0 = base.get("accepted")
         self.spawn()
         deadline = self.t_start + cfg.max_time
         next_tick = self.t_start + TICK_S
@@ -1756,6 +1915,8 @@ class Parent:
             "missing_reports": missing, "server": server,
             "failed_processes": [kid.failure for kid in self.kids if kid.failure],
         }
+        if cfg.nodes:
+            summary["hosts"] = [node.name for node in cfg.nodes]
         summary["msgs_per_s"] = round(received / span, 1) if received and span > 0 else None
         overflows = None
         end = listen_overflows() if self.overflows0 is not None else None
@@ -1765,6 +1926,9 @@ class Parent:
         summary["cause"] = likely_cause(cfg.conns, max(peak, ids_opened), t.failed,
                                         t.errnos, server, self.open_at_ramp_end, overflows)
         notes = []
+        if len(cfg.nodes) > 1:
+            notes.append(f"over {len(cfg.nodes)} nodes the server's own count is not checked: "
+                         f"the app port's /stats counts one node's connections")
         if overflows:
             notes.append(f"box-wide ListenOverflows during the run (all programs): {overflows:,} "
                          f"SYNs dropped at a full accept queue, the server's or another "
@@ -1806,8 +1970,15 @@ def print_summary(s: dict, out=sys.stdout) -> None:
     srcs = s["source_ips"]
     src_text = (f"{len(srcs)} source addresses ({srcs[0]}..{srcs[-1]})" if len(srcs) > 1
                 else (srcs[0] if srcs else "the kernel's source address"))
-    w(f"MegaComet client: {s['target']:,} ids to {s['host']}:{s['base_port']}"
-      f"..{s['base_port'] + s['workers'] - 1} ({s['workers']} workers), {s['procs']} "
+    hosts = s.get("hosts")
+    if hosts:
+        shown = ", ".join(hosts) if len(hosts) <= 4 else f"{hosts[0]} .. {hosts[-1]}"
+        where = (f"{len(hosts)} node{'s' if len(hosts) > 1 else ''} ({shown}, "
+                 f"{s['workers']} workers each)")
+    else:
+        where = (f"{s['host']}:{s['base_port']}..{s['base_port'] + s['workers'] - 1} "
+                 f"({s['workers']} workers)")
+    w(f"MegaComet client: {s['target']:,} ids to {where}, {s['procs']} "
       f"process{'es' if s['procs'] > 1 else ''},"
       f" {src_text}")
     rate = f" ({s['connect_rate']:,.0f}/s)" if s["connect_rate"] else ""
@@ -1940,7 +2111,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "PREFIX{N-1}, each to HOST:base-port + x31(id) % workers, holds them, and "
                     "with --send measures message delivery through the manager's app port.")
     p.add_argument("prefix", metavar="PREFIX", help="id prefix (one per client box: a, b, ...)")
-    p.add_argument("host", metavar="HOST", help="the comet server's address")
+    p.add_argument("host", metavar="HOST",
+                   help="the comet server's address (with --hosts: the app host for --send)")
+    p.add_argument("--hosts", type=host_list, metavar="H0[:BASE0],...",
+                   help="several MegaComet nodes sharing one Redis: each id to node "
+                        "x31(id) %% (N * W) // W, port BASEk + x31(id) %% (N * W) %% W "
+                        "(BASE defaults to --base-port; W from the first node's /_info)")
     p.add_argument("--conns", type=positive_int, default=DEFAULT_CONNS,
                    help=f"long polls to open (default {DEFAULT_CONNS:,})")
     p.add_argument("--workers", type=positive_int, help="server workers (default: ask GET /_info)")
@@ -1969,7 +2145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=non_negative, default=DEFAULT_GRACE_S,
                    help=f"seconds to wait for deliveries after the last send "
                         f"({DEFAULT_GRACE_S:g})")
-    p.add_argument("--app-host", default="127.0.0.1", help="the manager's app address")
+    p.add_argument("--app-host",
+                   help=f"the manager's app address (default {DEFAULT_APP_HOST}; with --hosts, "
+                        f"HOST)")
     p.add_argument("--app-port", type=port, default=9000, help="the manager's app port (9000)")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON here")
     p.add_argument("--plot", metavar="FILE", type=figure_path,
@@ -1996,20 +2174,41 @@ def main(argv: list[str] | None = None) -> int:
             key = read_keys(args.subscriber_key_file)[0]
         except KeyFileError as e:
             return fail(f"{e} (--subscriber-key-file)")
+    app_host = args.app_host or (args.host if args.hosts else DEFAULT_APP_HOST)
     try:
         addr = socket.gethostbyname(args.host)
-        app_addr = socket.gethostbyname(args.app_host)
+        app_addr = socket.gethostbyname(app_host)
     except OSError as e:
-        return fail(f"cannot resolve {args.host} or --app-host {args.app_host}: {e}")
-    workers = args.workers
-    if workers is None:
+        return fail(f"cannot resolve {args.host} or --app-host {app_host}: {e}")
+    nodes: tuple[Node, ...] = ()
+    for host, base in args.hosts or ():
         try:
-            workers = ask_workers(addr, args.host, args.base_port)
-        except (OSError, ValueError, KeyError) as e:
-            return fail(f"cannot ask http://{args.host}:{args.base_port}/_info for the worker "
-                        f"count ({e}): is the server running? (or pass --workers)", EXIT_SHORT)
-    if args.base_port + workers - 1 > 65535:
-        return fail(f"--base-port {args.base_port} + {workers} workers runs past port 65535")
+            nodes += (Node(host, *resolve(host), base or args.base_port),)
+        except OSError as e:
+            return fail(f"--hosts: cannot resolve {host}: {e}")
+    first = nodes[0] if nodes else Node(args.host, addr, socket.AF_INET, args.base_port)
+    workers = args.workers
+    if workers is None or nodes:    # over nodes, /_info also says whether --hosts is right
+        try:
+            info = ask_info(first)
+        except (OSError, ValueError) as e:
+            also = "" if nodes else " (or pass --workers)"
+            return fail(f"cannot ask http://{first.name}/_info for the worker count ({e}): "
+                        f"is the server running?{also}", EXIT_SHORT)
+        if workers is not None and workers != info["workers"]:
+            return fail(f"--workers {workers}, but http://{first.name}/_info says "
+                        f"{info['workers']}: leave --workers out with --hosts")
+        workers = info["workers"]
+        problem = nodes_problem(info, nodes) if nodes else None
+        if problem:
+            return fail(problem)
+    for node in nodes or (first,):
+        if node.base_port + workers - 1 > 65535:
+            where = f"--hosts {node.name}" if nodes else f"--base-port {node.base_port}"
+            return fail(f"{where} + {workers} workers runs past port 65535")
+    overlap = overlapping_nodes(nodes, workers)
+    if overlap:
+        return fail(f"--hosts: {overlap}: one box's ports cannot be two nodes'")
     explicit = None
     if args.source_ips:
         try:
@@ -2024,6 +2223,10 @@ def main(argv: list[str] | None = None) -> int:
                 except OSError as e:
                     return fail(f"--source-ips: cannot bind {src} ({e.strerror}): "
                                 f"not an address of this box?")
+        ipv6 = [node.name for node in nodes if node.family != socket.AF_INET]
+        if ipv6:
+            return fail(f"--source-ips are IPv4 addresses, and --hosts {ipv6[0]} is IPv6: "
+                        f"leave --source-ips out")
     if args.json:
         try:
             open(args.json, "a").close()
@@ -2033,19 +2236,23 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--plot {args.plot}: cannot write in its folder")
     nofile = raise_nofile()
     procs, warn_procs = plan_procs(args.conns, nofile, args.procs)
-    counts = per_port_counts(prefix, args.conns, workers)
-    loopback = ipaddress.IPv4Address(addr).is_loopback
-    sources, _, warn_src = plan_sources(max(counts), read_port_range(), explicit, loopback)
+    counts = per_port_counts(prefix, args.conns, workers, len(nodes or (first,)))
+    # 127.0.0.x sources are picked only when every destination is IPv4 loopback; the server
+    # is on this box (its accept queue overflows count) when any one is.
+    is_loopback = [ipaddress.ip_address(node.addr).is_loopback for node in nodes or (first,)]
+    loopback_v4 = all(is_loopback) and all(node.family == socket.AF_INET for node in nodes)
+    loopback = any(is_loopback)
+    sources, _, warn_src = plan_sources(max(counts), read_port_range(), explicit, loopback_v4)
     for warning in (warn_procs, warn_src):
         if warning:
             print(warning, file=sys.stderr)
     hold = args.hold if args.hold is not None else (0.0 if args.send else DEFAULT_HOLD_S)
     cfg = Config(prefix=args.prefix, host=args.host, addr=addr, loopback=loopback,
-                 conns=args.conns, workers=workers, base_port=args.base_port, procs=procs,
+                 conns=args.conns, workers=workers, base_port=first.base_port, procs=procs,
                  sources=tuple(sources), rate=args.rate, hold=hold, max_time=args.max_time,
                  connect_timeout=args.connect_timeout, stall=args.stall, send=args.send,
-                 send_rate=args.send_rate, grace=args.grace, app_host=args.app_host,
-                 app_addr=app_addr, app_port=args.app_port, key=key)
+                 send_rate=args.send_rate, grace=args.grace, app_host=app_host,
+                 app_addr=app_addr, app_port=args.app_port, key=key, nodes=nodes)
     parent = Parent(cfg, split_range(args.conns, procs))
 
     def on_signal(signum, frame):

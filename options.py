@@ -89,26 +89,59 @@ def networks(text: str) -> tuple:
     return tuple(nets)
 
 
-HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::([0-9]+))?")
-MAX_NODES = 1024
+MAX_NODES = 1024        # --nodes / --hosts entries: each is a box; far more than one Redis serves
+HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")   # a name or IPv4 literal
 
 
 def host_list(text: str) -> tuple:
     """`HOST[:PORT],HOST[:PORT],...` (--nodes, client.py --hosts): ((host, port or None), ...),
-    in order. An IPv6 address goes in brackets ([::1]:8000): its colons would read as a port."""
-    entries = []
-    for part in text.split(","):
+    in order. A host is a name, an IPv4 address, or an IPv6 address in brackets ([::1]:8000:
+    its colons would read as a port), kept with its brackets, as a Host header or a Location
+    wants it. Every entry once; at most MAX_NODES."""
+    parts = text.split(",")
+    if len(parts) > MAX_NODES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_NODES} entries, got "
+                                         f"{len(parts):,}")
+    entries: list = []
+    for i, part in enumerate(parts, 1):
         part = part.strip()
-        m = HOST_RE.fullmatch(part)
-        if m is None or (m[2] is not None and not 1 <= int(m[2]) <= 65535):
+        try:
+            entry = _host_port(part)
+            if entry in entries:
+                raise ValueError("named twice")
+        except ValueError as e:
             raise argparse.ArgumentTypeError(
                 f"expected HOST[:PORT] entries separated by commas (such as 10.0.0.1:8000,"
-                f"10.0.0.2 or [2001:db8::1]:8000), got {part!r}")
-        entries.append((m[1], None if m[2] is None else int(m[2])))
-    if len(entries) > MAX_NODES:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_NODES} entries, got "
-                                         f"{len(entries):,}")
+                f"10.0.0.2 or [2001:db8::1]:8000), got {part!r} (entry {i}): {e}") from None
+        entries.append(entry)
     return tuple(entries)
+
+
+def _host_port(entry: str) -> tuple:
+    """One `HOST[:PORT]`: (host, port or None); ValueError saying what is wrong with it."""
+    if not entry:
+        raise ValueError("an empty entry")
+    if entry.startswith("["):
+        inside, bracket, rest = entry[1:].partition("]")
+        try:
+            host = "[" + ipaddress.IPv6Address(inside).compressed + "]"
+        except ValueError:
+            raise ValueError("not an IPv6 address in the brackets") from None
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("write [IPv6] or [IPv6]:PORT")
+        port_text = rest[1:] if rest else None
+    elif entry.count(":") > 1:
+        raise ValueError("an IPv6 address goes in brackets: [::1]:8000")
+    else:
+        host, colon, port_text = entry.partition(":")
+        port_text = port_text if colon else None
+        if not HOSTNAME_RE.fullmatch(host):
+            raise ValueError("a host is a name or an address: letters, digits, '.', '-', '_'")
+    if port_text is None:
+        return host, None
+    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        raise ValueError("a port is a number 1-65535")
+    return host, int(port_text)
 
 
 def node_of(text: str) -> tuple:

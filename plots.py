@@ -147,7 +147,9 @@ def client_fig(summary: dict):
     ax.legend([ln for ln in lines if not ln.get_label().startswith("_")],
               [ln.get_label() for ln in lines if not ln.get_label().startswith("_")],
               loc="lower right", fontsize=8)
-    ax.set_title(f"{summary['ids_opened']:,} of {target:,} ids to {summary['host']} "
+    hosts = summary.get("hosts")    # client.py --hosts: several nodes
+    where = f"{len(hosts)} nodes" if hosts and len(hosts) > 1 else summary["host"]
+    ax.set_title(f"{summary['ids_opened']:,} of {target:,} ids to {where} "
                  f"({summary['workers']} workers, {summary['procs']} client "
                  f"process{'es' if summary['procs'] > 1 else ''}), "
                  f"ramp {summary['ramp_end'] or 'unfinished'}", fontsize=10)
