@@ -385,6 +385,7 @@ class StreamReader:
         self.max_message = opts.max_message
         self.last = b"%d-0" % max(0, time.time_ns() // 1_000_000 - int(opts.queue_ttl * 1000))
         self.replay_end = None  # (ms, seq) of the newest entry when Redis first answered
+        self.layout = None  # "ok", or what differs from the other nodes' N and W (check_layout)
         self.replaying = True  # the workers are held
         self.late = False  # released without the replay, which is still to come
         self.read = 0  # entries routed to the workers
@@ -400,6 +401,8 @@ class StreamReader:
             block = () if behind else (b"BLOCK", b"%d" % BLOCK_MS)
             try:
                 async with asyncio.timeout(BLOCK_MS / 1000 + READ_GRACE):
+                    if self.layout is None:
+                        await self.check_layout(conn)
                     if self.replay_end is None:
                         # Where the replay ends: a stream written to fast would otherwise
                         # keep it going (and the workers held) for as long as that lasts.
@@ -438,6 +441,30 @@ class StreamReader:
                 else:
                     self.supervisor.caught_up()
                 self.replaying = self.late = False
+
+    async def check_layout(self, conn) -> None:
+        """Every node must have the same N and W, or two nodes own an id and the other's
+        entries are dropped as "not ours". The first node to reach Redis writes them in
+        `<prefix>:layout`; a node that differs says so at every start, loudly, in the log and
+        /stats (it still serves: one wrong box must not stop the others' messages)."""
+        key = self.nodemap.keys[0].rpartition(b":")[0] + b":layout"
+        mine = (b"%d" % self.nodemap.nodes, b"%d" % self.nodemap.workers)
+        await conn.send_packed_command(
+            command(b"HSETNX", key, b"nodes", mine[0]) +
+            command(b"HSETNX", key, b"workers", mine[1]) +
+            command(b"HMGET", key, b"nodes", b"workers"), check_health=False)
+        for _ in range(2):
+            await conn.read_response(timeout=math.inf)
+        stored = tuple(await conn.read_response(timeout=math.inf))
+        if stored == mine:
+            self.layout = "ok"
+            return
+        self.layout = (f"this node has N={mine[0].decode()} W={mine[1].decode()}, the others "
+                       f"N={stored[0].decode()} W={stored[1].decode()} ({key.decode()})")
+        server.log(f"redis: LAYOUT MISMATCH: {self.layout}: ids this node takes are owned by "
+                   "another node too, and entries will be dropped as not ours. Give every "
+                   f"node the same --node N and --workers, or, after changing them on every "
+                   f"node, DEL {key.decode()}")
 
     def reject(self, raw_id: bytes, why: str) -> None:
         self.rejected += 1
@@ -527,7 +554,8 @@ class Node:
                 "stream": self.nodemap.own_key.decode(), "stream_read": r.read,
                 "stream_rejected": r.rejected, "stream_replayed": r.replayed,
                 "stream_last": r.last.decode(), "redis_waiting_bytes": self.publisher.bytes,
-                "redis_error": None if self.state.up else self.state.why}
+                "redis_error": None if self.state.up else self.state.why,
+                "layout": r.layout}
 
     async def close(self) -> None:
         for conn in (self.publisher.conn, self.reader.conn):

@@ -707,3 +707,24 @@ def test_an_ipv6_host_is_one_node_in_brackets(redis_server):
         proc.send_signal(15)
         out = proc.communicate(timeout=10)[0]
     assert "exited with status" not in out, out
+
+
+def test_a_node_with_another_layout_says_so(redis_server):
+    """Every node must have the same N and W: a node that differs from what the first wrote
+    in `<prefix>:layout` logs a LAYOUT MISMATCH and shows it in /stats."""
+    base = free_port_block(2 * (W + 2))
+    first = Node(0, base, ["--redis", redis_server.url, "--stream-prefix", "layout",
+                           "--status-interval", "0"])
+    try:
+        wait_until(lambda: first.stats()["manager"]["layout"] == "ok", what="layout written")
+        assert redis_server.call("HGETALL", "layout:layout") == [b"nodes", b"1", b"workers",
+                                                                 str(W).encode()]
+        other = Manager("--redis", redis_server.url, "--stream-prefix", "layout",
+                        workers=W + 1)
+        wait_until(lambda: other.stats()["manager"]["layout"] not in (None, "ok"),
+                   what="mismatch seen")
+        assert f"W={W + 1}" in other.stats()["manager"]["layout"]
+        other.stop()
+        assert "LAYOUT MISMATCH" in other.output
+    finally:
+        first.stop()
