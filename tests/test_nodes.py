@@ -103,12 +103,14 @@ def redis_server():
 class Node(Manager):
     """manager.py as node K of N, on ports given by the cluster."""
 
-    def __init__(self, k: int, base: int, args: list):
+    def __init__(self, k: int, base: int, args: list, redis_up: bool = True):
         self.k, self.workers, self.args = k, W, args
         self.base_port, self.app_port = base, base + W
-        self.start()
+        self.start(redis_up)
 
-    def start(self) -> None:
+    def start(self, redis_up: bool = True) -> None:
+        """Up: workers serving and, with `redis_up`, Redis answering it (publishes are
+        refused until then)."""
         cmd = [sys.executable, str(ROOT / "manager.py"), "--host", "127.0.0.1",
                "--workers", str(W), "--base-port", str(self.base_port),
                "--app-port", str(self.app_port), *self.args]
@@ -116,6 +118,10 @@ class Node(Manager):
                                      stderr=subprocess.STDOUT, text=True)
         try:
             self.wait_ready()
+            deadline = time.monotonic() + 10
+            while redis_up and self.stats().get("redis") != "up":
+                assert time.monotonic() < deadline, "the node never saw Redis"
+                time.sleep(0.02)
         except BaseException:
             self.proc.kill()
             self.proc.wait(5)
@@ -142,7 +148,8 @@ def alive(pid: int) -> bool:
 
 
 class Cluster:
-    def __init__(self, redis_url: str, prefix: str, *extra: str, status: float = 0):
+    def __init__(self, redis_url: str, prefix: str, *extra: str, status: float = 0,
+                 redis_up: bool = True):
         for _ in range(5):
             block = free_port_block(N * (W + 1))
             self.bases = [block + k * (W + 1) for k in range(N)]
@@ -152,7 +159,8 @@ class Cluster:
                 for k in range(N):
                     self.nodes.append(Node(k, self.bases[k], [
                         "--redis", redis_url, "--node", f"{k}/{N}", "--nodes", hosts,
-                        "--stream-prefix", prefix, "--status-interval", str(status), *extra]))
+                        "--stream-prefix", prefix, "--status-interval", str(status), *extra],
+                        redis_up))
                 return
             except PortTaken:
                 self.stop()
@@ -473,7 +481,7 @@ def test_a_node_starts_without_redis_and_catches_up_when_it_answers(redis_server
     the node reads its stream."""
     redis_server.stop()
     try:
-        c = Cluster(redis_server.url, "late")
+        c = Cluster(redis_server.url, "late", redis_up=False)
     finally:
         redis_server.start()
     try:
@@ -599,7 +607,7 @@ def test_a_cursor_is_never_answered_with_an_older_message_when_the_replay_comes_
     node = None
     try:
         node = Node(0, base, ["--redis", redis_server.url, "--stream-prefix", "lateall",
-                              "--status-interval", "0"])
+                              "--status-interval", "0"], redis_up=False)
         port = base + server.owner(id_.encode(), W)
         s = start_poll(port, f"/{id_}.js?since={ms}-5")
         stream = socket.create_connection(("127.0.0.1", port), timeout=10)
