@@ -1,7 +1,7 @@
-"""Smoke tests of `make bench` (bench/suite.py --quick), `make bench-micro` (bench/micro.py) and
-`make million` (bench/million.py with a small target): they run to the end and report every
-figure. No timing is asserted: the figures are the
-benchmark's business, and this box is shared."""
+"""Smoke tests of `make bench` (bench/suite.py --quick), `make bench-micro` (bench/micro.py),
+`make million` (bench/million.py with a small target) and `make bench-nodes` (bench/nodes.py
+--quick, on a real redis-server): they run to the end and report every figure. No timing is
+asserted: the figures are the benchmark's business, and this box is shared."""
 
 import json
 import subprocess
@@ -103,3 +103,25 @@ def test_million_with_a_small_target_reports_every_figure(tmp_path):
     assert data["series"][-1]["t"] > data["marks"]["broadcast_t"] > data["marks"]["messages_t"]
     assert all("slab_bytes" in p and "rss_bytes" in p for p in data["series"])
     assert (tmp_path / "million.svg").stat().st_size > 1000
+
+
+@pytest.mark.timeout(120)
+def test_bench_nodes_quick_reports_every_figure(tmp_path):
+    """make bench-nodes: one node against three on Redis, paced and blast, every message
+    received, CPU split per node and Redis."""
+    out = tmp_path / "nodes.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "nodes.py"), "--quick", "--json",
+                        str(out)], cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["errors"] == 0
+    assert [(x["kind"], x["mode"]) for x in data["runs"]] == [
+        ("one", "paced"), ("three", "paced"), ("one", "blast"), ("three", "blast")]
+    for run in data["runs"]:
+        assert run["received"] == run["sent"] == 1000, run
+        assert run["msgs_per_s"] > 0 and run["cpu_per_msg_us"] is not None, run
+        if run["kind"] == "three":
+            assert set(run["cpu_s"]) == {"node0", "node1", "node2", "redis"}
+            assert sum(run["stream_read"]) == 1000, run  # every message read back once
+            assert run["node0_us_per_msg"] is not None and len(run["node_us_per_read"]) == 2
+    assert "three/one" in r.stdout
