@@ -1350,6 +1350,9 @@ class AppServer:
                 try:
                     out[i] = await reply
                 except BaseException:
+                    for later in out[i + 1:]:
+                        if asyncio.iscoroutine(later):
+                            later.close()  # never started: no "never awaited" warning
                     del out[i:]
                     raise
 

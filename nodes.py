@@ -160,6 +160,12 @@ class RedisState:
         self.errors = errors  # what a lost or failed connection raises
         self.up = False
         self.why = "not connected yet"
+        self.redis_ms = 0  # Redis's clock: the ms of the newest entry id it gave or showed
+
+    def saw(self, entry: bytes) -> None:
+        ms = entry.partition(b"-")[0]
+        if ms.isdigit() and int(ms) > self.redis_ms:
+            self.redis_ms = int(ms)
 
     def set_up(self) -> None:
         if not self.up:
@@ -219,6 +225,8 @@ class Publisher:
         return batch
 
     async def run(self) -> None:
+        if self.pending:  # restarted by Node.kept after a bug: what waits still goes
+            self.wake.set()
         while True:
             await self.wake.wait()
             self.wake.clear()
@@ -235,6 +243,39 @@ class Publisher:
                     if self.bytes <= self.low:
                         self.flow.unblock("redis")
 
+    async def replies(self, conn, commands: int, response_error) -> list:
+        """The batch's results, in order: MULTI's +OK, +QUEUED for each command, then EXEC's
+        array. A command refused while queued (OOM, READONLY, NOPERM...) makes Redis discard
+        the transaction: each gets that first error, none ran. Where MULTI itself is refused
+        (an ACL without it, a proxy without transactions) each command ran at once and its
+        reply is its result (EXEC's error is only the missing MULTI)."""
+        read = conn.read_response
+        try:
+            await read(timeout=math.inf)
+            transaction = True
+        except response_error:
+            transaction = False
+        got, first_error = [], None
+        for _ in range(commands):
+            try:
+                got.append(await read(timeout=math.inf))
+            except response_error as e:
+                got.append(e)
+                first_error = first_error or e
+        try:
+            results = await read(timeout=math.inf)
+        except response_error as e:
+            results = e
+        if transaction:
+            results = results if isinstance(results, list) else \
+                [first_error or results] * commands  # EXECABORT: none ran
+        else:
+            results = got
+        for r in results:  # Redis's clock, for MINID (RedisRouter.min_id)
+            if r.__class__ is bytes:
+                self.state.saw(r)
+        return results
+
     async def send(self, batch: list) -> None:
         errors, response_error = self.state.errors, self.redis.exceptions.ResponseError
         conn = self.conn
@@ -244,15 +285,7 @@ class Publisher:
                 await conn.send_packed_command(b"".join([MULTI, *(b[0] for b in batch), EXEC]),
                                                check_health=False)
                 commands = sum(b[1] for b in batch)
-                for _ in range(commands + 1):  # +OK, +QUEUED each (or an error: see EXEC)
-                    try:
-                        await conn.read_response(timeout=math.inf)
-                    except response_error:
-                        pass
-                try:
-                    results = await conn.read_response(timeout=math.inf)
-                except response_error as e:  # EXECABORT: a command was refused, none ran
-                    results = [e] * commands
+                results = await self.replies(conn, commands, response_error)
                 at = 0
                 for _, replies, pick, fut, _ in batch:
                     if not fut.done():
@@ -326,10 +359,14 @@ class RedisRouter:
         return None
 
     def min_id(self) -> bytes:
+        """now - --queue-ttl on Redis's clock (the newest entry id it gave), not ours: a node
+        whose clock ran ahead by more than the ttl would trim the entry it is adding. Before
+        Redis has given any, 0: nothing trimmed."""
         now = time.monotonic()
         if now - self.minid_at >= self.minid_every:
             self.minid_at = now
-            self.minid = b"%d-0" % max(0, time.time_ns() // 1_000_000 - self.ttl_ms)
+            ms = self.state.redis_ms
+            self.minid = b"%d-0" % (ms - self.ttl_ms) if ms > self.ttl_ms else b"0"
         return self.minid
 
     def submit(self, data: bytes, replies: int, pick, count: int) -> tuple:
@@ -440,6 +477,8 @@ class StreamReader:
             for raw_id, fields in entries:
                 await self.route(raw_id, fields)
                 self.last = raw_id
+            if entries:
+                self.state.saw(self.last)
             if self.replaying or self.late:
                 self.replayed += len(entries)
             behind = len(entries) == READ_COUNT
@@ -462,9 +501,19 @@ class StreamReader:
             command(b"HSETNX", key, b"nodes", mine[0]) +
             command(b"HSETNX", key, b"workers", mine[1]) +
             command(b"HMGET", key, b"nodes", b"workers"), check_health=False)
-        for _ in range(2):
-            await conn.read_response(timeout=math.inf)
-        stored = tuple(await conn.read_response(timeout=math.inf))
+        response_error = self.redis.exceptions.ResponseError
+        replies = []
+        for _ in range(3):
+            try:
+                replies.append(await conn.read_response(timeout=math.inf))
+            except response_error as e:
+                replies.append(e)
+        refused = [r for r in replies if isinstance(r, response_error)]
+        if refused:  # an ACL without hashes, say: the check is only a check
+            self.layout = f"not checked: {refused[0]}"
+            server.log(f"redis: the layout of the nodes is {self.layout}")
+            return
+        stored = tuple(replies[2])
         if stored == mine:
             self.layout = "ok"
             return

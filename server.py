@@ -1313,7 +1313,7 @@ class Worker:
             self.cursors[fd] = cursor
         if callback is not None:
             self.jsonp[fd] = callback
-        if gap:
+        if gap and self.cursors is None:  # (while the history comes late: see to_waiters)
             self.gapped.add(fd)
         if self.poll_timeout > 0:
             self.poll_deadlines[fd] = time.monotonic() + self.poll_timeout
@@ -1409,15 +1409,24 @@ class Worker:
         event = None
         behind = self.cursors  # None but while a late history comes in (release)
         for fd in [w] if w.__class__ is int else list(w):
-            if behind and behind.get(fd, -1) >= key:
-                continue  # older than what this client has: it stays waiting
+            late_gap = False
+            if behind and fd in behind:
+                cursor = behind[fd]
+                if cursor >= key:
+                    continue  # older than what this client has: it stays waiting
+                # The first message above its cursor: the later ones are newer still. Its
+                # gap is told now, against the history replayed so far (not at its arrival,
+                # when nothing was).
+                del behind[fd]
+                late_gap = self.store.gap(id_, cursor)
             if self.is_stream[fd]:
                 if event is None:
                     event = sse_event(mid, message)
-                sent += self.stream_send(fd, event, msg)
+                sent += self.stream_send(fd, sse_control(b"gap", cursor_text(cursor)) + event
+                                         if late_gap else event, msg)
                 continue
             callback = self.jsonp.get(fd) if self.jsonp else None
-            gap = fd in self.gapped if self.gapped else False
+            gap = late_gap or (fd in self.gapped if self.gapped else False)
             if callback is None and not gap:
                 if plain is None:
                     plain = self.message_response(message, mid, None, False)
@@ -1461,7 +1470,8 @@ class Worker:
             if first is not None:
                 backlog.cursor = first.key - 1
                 backlog.skip_until = store.histories[id_][-1].key
-        elif store.gap(id_, cursor) and not store.evicted_after(id_, cursor):
+        elif self.cursors is None and store.gap(id_, cursor) and \
+                not store.evicted_after(id_, cursor):
             backlog.out += sse_control(b"gap", cursor_text(cursor))  # (else replay_more does)
         backlog.replay = len(backlog.out)
         self.flush_stream(fd)

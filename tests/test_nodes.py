@@ -736,3 +736,77 @@ def test_a_node_with_another_layout_says_so(redis_server):
         assert "LAYOUT MISMATCH" in other.output
     finally:
         first.stop()
+
+
+def test_a_late_cursor_is_told_of_a_gap_against_the_replayed_history(redis_server):
+    """While the history comes late, a gap is decided when the message comes, against what is
+    replayed by then ("the worker's start" = the oldest entry replayed), not on arrival, when
+    nothing is: the next message after the cursor comes without X-Message-Gap or `event: gap`."""
+    id_ = "x"
+    ms = time.time_ns() // 1_000_000 - 10_000
+    redis_server.call("XADD", "lategap:0", f"{ms}-1", "id", id_, "message", "m1")
+    redis_server.call("XADD", "lategap:0", f"{ms}-2", "id", id_, "message", "m2")
+    sleeper = threading.Thread(target=lambda: RedisServer.call(
+        redis_server, "DEBUG", "SLEEP", "4"))
+    sleeper.start()
+    time.sleep(0.1)
+    base = free_port_block(W + 1)
+    node = None
+    try:
+        node = Node(0, base, ["--redis", redis_server.url, "--stream-prefix", "lategap",
+                              "--status-interval", "0"], redis_up=False)
+        port = base + server.owner(id_.encode(), W)
+        s = start_poll(port, f"/{id_}.js?since={ms}-1")
+        stream = socket.create_connection(("127.0.0.1", port), timeout=10)
+        stream.sendall(f"GET /{id_}.sse?since={ms}-1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        wait_until(lambda: waiting(node) == 2, what="poll and stream waiting")
+        status, headers, body = read_response(s)
+        s.close()
+        assert (status, body, headers.get("x-message-gap")) == (200, b"m2", None)
+        got = b""
+        while b"m2" not in got:
+            chunk = stream.recv(4096)
+            assert chunk, got
+            got += chunk
+        stream.close()
+        assert b"event: gap" not in got, got
+        # A cursor older than the oldest replayed is a gap, as at any start.
+        status, headers, body = get(port, f"/{id_}.js?since={ms - 1}-0")
+        assert (body, headers.get("x-message-gap")) == (b"m1", "1")
+    finally:
+        sleeper.join()
+        if node is not None:
+            node.stop()
+
+
+def test_redis_users_without_transactions_or_hashes_still_publish(redis_server):
+    """An ACL user without MULTI/EXEC (or a proxy without transactions): each XADD ran at once,
+    its reply is its result, the message is accepted once (not refused although written). One
+    without hash commands: the layout check says "not checked", the node works."""
+    redis_server.call("ACL", "SETUSER", "nomulti", "on", ">pw", "~*", "&*", "+@all", "-multi",
+                      "-exec", "-@hash")
+    url = f"redis://nomulti:pw@127.0.0.1:{redis_server.port}/0"
+    base = free_port_block(W + 1)
+    node = Node(0, base, ["--redis", url, "--stream-prefix", "acl", "--status-interval", "0"])
+    try:
+        assert node.stats()["manager"]["layout"].startswith("not checked: ")
+        mid = publish(node, "a", b"hello")
+        assert redis_server.call("XLEN", "acl:0") == 1
+        status, headers, body = get(base + server.owner(b"a", W), "/a.js")
+        assert (body, headers["x-message-id"]) == (b"hello", mid)
+    finally:
+        node.stop()
+
+
+def test_minid_is_on_redis_clock_not_the_node_s():
+    """MINID = the newest entry id Redis gave - --queue-ttl: a node whose clock runs ahead of
+    Redis's by more than the ttl would otherwise trim the entry it adds (Redis trims an XADD's
+    own entry when its MINID is above it)."""
+    import nodes
+    state = nodes.RedisState("redis://x", ())
+    router = nodes.RedisRouter(None, None, state, None, ttl=60)
+    assert router.min_id() == b"0"  # no id from Redis yet: nothing trimmed
+    state.saw(b"1000000-5")
+    state.saw(b"999999-9")  # older: the clock never goes back
+    router.minid_at = float("-inf")
+    assert router.min_id() == b"940000-0"
