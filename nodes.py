@@ -11,14 +11,18 @@ Each node owns the slots K*W .. K*W + W-1 of `x31(id) % (N x W)`, and a Redis st
   and XADDs each to the stream of the node that owns its id; a broadcast gets an entry in every
   node's stream. The reply's mid is the entry id Redis gave, which is the message id every
   client of that node sees, so a cursor stays good across nodes and restarts. Its XADDs go
-  out through the Publisher: everything published during one loop pass is one pipelined write
-  on one connection, answered in order (one publisher's messages keep their order).
+  out through the Publisher: everything published during one loop pass is one MULTI/EXEC
+  written at once on one connection, answered in order (one publisher's messages keep their
+  order), each publish refused if Redis has not answered PUBLISH_TIMEOUT after it.
 - StreamReader reads this node's stream (XREAD BLOCK) from the last entry it read and hands
   each entry to the local Router, as the one-box manager does with what the app sends. At
   start it reads from `--queue-ttl` ago, so a restarted node first replays its history into its
   workers; the workers (started with --hold) accept connections only once that replay is in
   (READY frame, link.py), so a poll with an old cursor finds its messages instead of waiting.
+  If Redis cannot be reached at start the workers serve at once and the replay comes late
+  (READY "partial", then CAUGHT_UP: the workers keep waiting cursors meanwhile, server.py).
   An outbox that is full holds the reader, not the message: the stream keeps it meanwhile.
+  It also checks that every node has the same N and W (check_layout).
 - RedisState: up or down, from the last command on either connection. While down, publishes
   are refused at once with the reason; a batch in flight when Redis stops answering is refused
   after PUBLISH_TIMEOUT (never accepted and then lost: an XADD whose reply never came may still
@@ -27,7 +31,7 @@ Each node owns the slots K*W .. K*W + W-1 of `x31(id) % (N x W)`, and a Redis st
 
 The RESP commands are written here (`command`, `xadd`): redis-py's pack_command and pipeline
 cost ~40 µs a message; the `redis` package still does the connecting (URLs, AUTH, TLS, unix
-sockets) and the reply parsing (hiredis when installed: 10x faster on XREAD's replies).
+sockets) and the reply parsing (hiredis when installed: ~20x faster on XREAD's replies).
 """
 
 import asyncio
@@ -75,9 +79,8 @@ def redis_module():
 class NodeMap:
     """Who owns an id: slot x31(id) % (N x W), node slot // W, worker slot % W."""
 
-    def __init__(self, node: int, nodes: int, workers: int, hosts: tuple, prefix: str):
+    def __init__(self, node: int, nodes: int, workers: int, prefix: str):
         self.node, self.nodes, self.workers = node, nodes, workers
-        self.hosts = hosts  # ((host, base port), ...) as clients reach each node
         self.slots = nodes * workers
         self.keys = [f"{prefix}:{k}".encode() for k in range(nodes)]
         self.own_key = self.keys[node]
@@ -160,12 +163,21 @@ class RedisState:
         self.errors = errors  # what a lost or failed connection raises
         self.up = False
         self.why = "not connected yet"
-        self.redis_ms = 0  # Redis's clock: the ms of the newest entry id it gave or showed
+        # Redis's clock: an entry id Redis gave or showed is at most its "now" then, so
+        # now >= that ms + the time passed since; the best such bound, kept as an offset to our
+        # monotonic clock (which never jumps). None until Redis gave one.
+        self.offset = None
 
     def saw(self, entry: bytes) -> None:
         ms = entry.partition(b"-")[0]
-        if ms.isdigit() and int(ms) > self.redis_ms:
-            self.redis_ms = int(ms)
+        if ms.isdigit():
+            offset = int(ms) - time.monotonic_ns() // 1_000_000
+            if self.offset is None or offset > self.offset:
+                self.offset = offset
+
+    def redis_ms(self):
+        """Redis's wall clock now, in ms (a lower bound), or None."""
+        return None if self.offset is None else time.monotonic_ns() // 1_000_000 + self.offset
 
     def set_up(self) -> None:
         if not self.up:
@@ -359,14 +371,14 @@ class RedisRouter:
         return None
 
     def min_id(self) -> bytes:
-        """now - --queue-ttl on Redis's clock (the newest entry id it gave), not ours: a node
-        whose clock ran ahead by more than the ttl would trim the entry it is adding. Before
-        Redis has given any, 0: nothing trimmed."""
+        """now - --queue-ttl on Redis's clock (RedisState.redis_ms), not ours: a node whose
+        clock ran ahead by more than the ttl would trim the entry it is adding. Before Redis
+        has given an id, 0: nothing trimmed."""
         now = time.monotonic()
         if now - self.minid_at >= self.minid_every:
             self.minid_at = now
-            ms = self.state.redis_ms
-            self.minid = b"%d-0" % (ms - self.ttl_ms) if ms > self.ttl_ms else b"0"
+            ms = self.state.redis_ms()
+            self.minid = b"%d-0" % (ms - self.ttl_ms) if ms and ms > self.ttl_ms else b"0"
         return self.minid
 
     def submit(self, data: bytes, replies: int, pick, count: int) -> tuple:
@@ -574,7 +586,7 @@ class Node:
     def __init__(self, opts, router, supervisor, flow):
         redis = redis_module()
         K, N = opts.node
-        self.nodemap = NodeMap(K, N, opts.workers, opts.nodes, opts.stream_prefix)
+        self.nodemap = NodeMap(K, N, opts.workers, opts.stream_prefix)
         self.state = RedisState(opts.redis, (redis.exceptions.RedisError,))
         self.publisher = Publisher(redis, opts.redis, self.state, flow, opts.queue_bytes)
         self.router = RedisRouter(self.nodemap, self.publisher, self.state, supervisor,
