@@ -30,13 +30,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CLK_TCK, ROOT, free_port_block, http_json, machine, machine_line  # noqa: E402
-from suite import SAMPLE_S, client_fields, client_procs, send_window  # noqa: E402
+from suite import Sampler, client_fields, client_procs, run_client, send_window  # noqa: E402
 
 NODES = 3
 
@@ -151,71 +150,25 @@ class Setup:
             log.close()
 
 
-class GroupSampler(threading.Thread):
-    """suite.Sampler's timeline, with the CPU split per group (node k, redis): samples
-    (t, CPU s of all, node 0's manager fds, {group: CPU s})."""
+class GroupSampler(Sampler):
+    """suite.Sampler's timeline (the send window is found by node 0's manager fds), with the
+    CPU split per group (node k, redis): samples (t, CPU s of all, fds, {group: CPU s})."""
 
     def __init__(self, groups: dict, fd_pid: int):
-        super().__init__(daemon=True)
-        self.fds = {g: [os.open(f"/proc/{p}/stat", os.O_RDONLY) for p in pids]
-                    for g, pids in groups.items()}
-        self.fd_dir = f"/proc/{fd_pid}/fd"
-        self.samples = [self.sample()]
-        self.done = threading.Event()
+        self.groups = {g: [os.open(f"/proc/{p}/stat", os.O_RDONLY) for p in pids]
+                       for g, pids in groups.items()}
+        super().__init__([], fd_pid)
+        self.stat_fds = [fd for fds in self.groups.values() for fd in fds]  # (closed by close)
 
     def sample(self) -> tuple:
         cpu = {}
-        for g, fds in self.fds.items():
+        for g, fds in self.groups.items():
             total = 0
             for fd in fds:
                 fields = os.pread(fd, 2048, 0).rsplit(b")", 1)[1].split()
                 total += int(fields[11]) + int(fields[12])
             cpu[g] = total / CLK_TCK
         return time.monotonic(), sum(cpu.values()), len(os.listdir(self.fd_dir)), cpu
-
-    def run(self) -> None:
-        while not self.done.wait(SAMPLE_S):
-            try:
-                self.samples.append(self.sample())
-            except (OSError, IndexError, ValueError):
-                break
-
-    def close(self) -> None:
-        self.done.set()
-        if self.is_alive():
-            self.join(timeout=2)
-        for fds in self.fds.values():
-            for fd in fds:
-                os.close(fd)
-
-
-def run_client(setup: Setup, args: list, timeout: float, sampler) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "client.json"
-        log = open(Path(tmp) / "client.log", "w+")
-        cmd = [sys.executable, str(ROOT / "client.py"), "a", "127.0.0.1", *setup.client_args(),
-               "--max-time", str(int(timeout)), "--json", str(out), *args]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            sampler.start()
-            proc.wait(timeout=timeout + 30)
-            time.sleep(0.3)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-            sampler.close()
-        try:
-            summary = json.loads(out.read_text())
-        except (OSError, ValueError):
-            log.seek(0)
-            raise RuntimeError(f"client.py wrote no summary (exit {proc.returncode}): "
-                               f"{log.read()[-1500:]}") from None
-        finally:
-            log.close()
-    summary["exit_status"] = proc.returncode
-    return summary
 
 
 def measure(kind: str, mode: str, a) -> dict:

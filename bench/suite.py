@@ -159,6 +159,10 @@ class Cluster:
             time.sleep(0.1)
         return False
 
+    def client_args(self) -> list:
+        """Where client.py finds this server."""
+        return ["--base-port", str(self.base_port), "--app-port", str(self.app_port)]
+
     def stats(self, timeout: float = 20.0) -> dict:
         # (the peer asks its workers: one busy accepting a burst on a loaded box is slow)
         return http_json(self.app_port, "/stats", timeout=timeout)
@@ -300,15 +304,15 @@ def client_procs(conns: int) -> int:
     return max(2, math.ceil(conns / max(1, hard - NOFILE_SPARE)))
 
 
-def run_client(cluster: Cluster, args: list, timeout: float, sampler: Sampler | None = None
-               ) -> dict:
-    """client.py against `cluster` with `args`; its --json summary."""
+def run_client(cluster, args: list, timeout: float, sampler: Sampler | None = None) -> dict:
+    """client.py against `cluster` (a Cluster, or bench/nodes.py's Setup: anything with
+    client_args()) with `args`; its --json summary."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "client.json"
         log = open(Path(tmp) / "client.log", "w+")
         cmd = [sys.executable, str(ROOT / "client.py"), "a", "127.0.0.1",
-               "--base-port", str(cluster.base_port), "--app-port", str(cluster.app_port),
-               "--max-time", str(int(timeout)), "--json", str(out), *args]
+               *cluster.client_args(), "--max-time", str(int(timeout)), "--json", str(out),
+               *args]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         try:

@@ -63,6 +63,14 @@ class RedisServer:
         self.proc.kill()
         self.proc.wait(5)
 
+    def asleep(self, seconds: float) -> threading.Thread:
+        """Redis stops answering for `seconds` (DEBUG SLEEP, in a thread: join it), as a
+        partition or a Redis loading its data looks to a node."""
+        sleeper = threading.Thread(target=self.call, args=("DEBUG", "SLEEP", str(seconds)))
+        sleeper.start()
+        time.sleep(0.1)
+        return sleeper
+
     def call(self, *args) -> object:
         """One command over a plain socket (RESP), the reply parsed: no client library."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
@@ -395,9 +403,7 @@ def test_a_node_serves_nothing_before_its_replay_is_in(redis_server):
         _, port = c.owner(id_)
         mids = [publish(c.nodes[1], id_, b"m%d" % i) for i in range(50)]
         node.kill()
-        sleeper = threading.Thread(target=redis_server.call, args=("DEBUG", "SLEEP", "1.5"))
-        sleeper.start()
-        time.sleep(0.1)
+        sleeper = redis_server.asleep(1.5)
         node.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "manager.py"), "--host", "127.0.0.1", "--workers",
              str(W), "--base-port", str(node.base_port), "--app-port", str(node.app_port),
@@ -599,10 +605,7 @@ def test_a_cursor_is_never_answered_with_an_older_message_when_the_replay_comes_
     ms = time.time_ns() // 1_000_000 - 10_000  # within --queue-ttl
     redis_server.call("XADD", "lateall:0", f"{ms}-1", "id", id_, "message", "older")
     redis_server.call("XADD", "lateall:0", f"{ms}-9", "id", id_, "message", "newer")
-    sleeper = threading.Thread(target=lambda: RedisServer.call(
-        redis_server, "DEBUG", "SLEEP", "4"))
-    sleeper.start()
-    time.sleep(0.1)
+    sleeper = redis_server.asleep(4)
     base = free_port_block(W + 1)
     node = None
     try:
@@ -642,10 +645,7 @@ def test_publishes_are_refused_within_2_s_when_redis_hangs(redis_server):
     sleeper = None
     try:
         publish(node, "warm", b"x")
-        sleeper = threading.Thread(target=lambda: RedisServer.call(
-            redis_server, "DEBUG", "SLEEP", "3"))
-        sleeper.start()
-        time.sleep(0.1)
+        sleeper = redis_server.asleep(3)
         took = {}
 
         def timed(name: str, id_: str) -> None:
@@ -746,10 +746,7 @@ def test_a_late_cursor_is_told_of_a_gap_against_the_replayed_history(redis_serve
     ms = time.time_ns() // 1_000_000 - 10_000
     redis_server.call("XADD", "lategap:0", f"{ms}-1", "id", id_, "message", "m1")
     redis_server.call("XADD", "lategap:0", f"{ms}-2", "id", id_, "message", "m2")
-    sleeper = threading.Thread(target=lambda: RedisServer.call(
-        redis_server, "DEBUG", "SLEEP", "4"))
-    sleeper.start()
-    time.sleep(0.1)
+    sleeper = redis_server.asleep(4)
     base = free_port_block(W + 1)
     node = None
     try:
