@@ -1037,13 +1037,17 @@ class Worker:
             else:
                 self.close(fd)
             return True
+        self.unfinished(fd, data, n, linger)
+        return True
+
+    def unfinished(self, fd: int, data: bytes, n: int, linger: bool = False) -> None:
+        """An answer of which the first n bytes are written (state WRITING)."""
         # The rest waits for EPOLLOUT; asking for it only now saves a wake-up per connection.
         self.outbuf[fd] = memoryview(data)[n:]  # slices of it copy nothing
         self.flushing[fd] = time.monotonic() + self.write_timeout
         if linger:
             self.linger_after.add(fd)
         self.watch(fd, EPOLL_CLIENT | select.EPOLLOUT)
-        return True
 
     def refuse(self, fd: int, err: HTTPError, extra: bytes = b"") -> None:
         """Answer an error with a one-line reason; it lingers, as the client may have sent
@@ -1439,11 +1443,55 @@ class Worker:
         """To every poll and stream waiting at this moment; kept in no history (SPEC)."""
         count = self.count
         plain = self.message_response(message, mid, None, False)
+        if not (self.jsonp or self.gapped or self.cursors or self.poll_deadlines or
+                self.garbage):
+            self.broadcast_plain(plain)
         for k, id_ in enumerate(list(self.waiters)):
             if id_ in self.waiters:  # (a stream pushed out above may have been its last)
                 count[DELIVERED] += self.to_waiters(id_, key, mid, message, None, plain)
             if not k % BEAT_EVERY:  # 500,000 answers take seconds: still alive
                 count[BEAT_NS] = time.monotonic_ns()
+
+    def broadcast_plain(self, plain: bytes) -> None:
+        """The common case of a broadcast, in one tight loop: each id with one waiting poll
+        (no stream, no JSONP, no gap, no --poll-timeout deadline: the caller checked that the
+        tables of those are empty) gets `plain` and is closed, with the bookkeeping of
+        answer() and close() done once for all (what answer() does per answer is ~4 µs of
+        Python against ~12 µs of kernel for the send and the close). What this cannot do
+        whole (an error, EAGAIN) is left waiting for the general path after it; an answer
+        written in part goes on as answer() would."""
+        state, is_stream, size = self.state, self.is_stream, len(plain)
+        write, close = os.write, os.close
+        count = self.count
+        gone, done, partial = [], 0, []
+        beat = BEAT_EVERY
+        for id_, fd in self.waiters.items():
+            if fd.__class__ is not int or is_stream[fd]:
+                continue
+            try:
+                n = write(fd, plain)
+            except OSError:
+                continue
+            if n != size:
+                partial.append((id_, fd, n))
+                continue
+            close(fd)
+            state[fd] = None
+            gone.append(id_)
+            done += 1
+            if done == beat:
+                beat += BEAT_EVERY
+                count[BEAT_NS] = time.monotonic_ns()
+        waiters = self.waiters
+        for id_ in gone:
+            del waiters[id_]
+        count[WAITING] -= done
+        count[CONNECTIONS] -= done
+        count[DELIVERED] += done + len(partial)
+        for id_, fd, n in partial:
+            self.forget_waiter(fd, id_)
+            state[fd] = WRITING
+            self.unfinished(fd, plain, n)
 
     # -- streams (Server-Sent Events) --------------------------------------------------------
 

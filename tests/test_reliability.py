@@ -213,6 +213,57 @@ def test_a_long_broadcast_beats_the_heart_as_it_goes(thread_worker, monkeypatch)
         s.close()
 
 
+def test_a_broadcast_answers_every_kind_of_waiter_once(thread_worker):
+    """broadcast_plain answers the single plain polls in one loop; what it leaves (an id with
+    two polls, a stream, a poll whose peer is gone, an answer bigger than one write) goes on
+    by the general path: each live waiter gets the message exactly once, whole, and the
+    page's counters add up."""
+    tw = thread_worker(start=False)
+    w = tw.worker
+
+    def step():
+        w.accept()
+        for fd, ev in w.epoll.poll(0.05):
+            if fd in w.reading:
+                w.read_head(fd, w.reading[fd], ev & server.HANGUP)
+
+    # 1: a small message: the singles written whole in the tight loop
+    singles = [start_poll(tw.port, f"p{k}") for k in range(20)]
+    pair = [start_poll(tw.port, "two"), start_poll(tw.port, "two")]
+    stream = connect(tw.port)
+    stream.sendall(b"GET /s.sse HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_until(lambda: step() or len(w.waiters) == 22, what="22 ids waiting")
+    w.broadcast(1 << 64, b"1-0", b"small")
+    assert (w.count[link.WAITING], w.count[link.CONNECTIONS]) == (1, 1)  # the stream
+    assert w.count[link.DELIVERED] == 23
+    for s in singles + pair:
+        status, _, headers, got = answer(s)
+        assert (status, got, headers["x-message-id"]) == (200, b"small", "1-0")
+    # 2: a message bigger than one write, and a peer that reset
+    body = bytes(range(256)) * 16384  # 4 MiB
+    big = [start_poll(tw.port, f"q{k}") for k in range(5)]
+    gone = start_poll(tw.port, "gone")
+    gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    wait_until(lambda: step() or len(w.waiters) == 7, what="7 ids waiting")
+    gone.close()  # a reset: the write to it fails
+    time.sleep(0.05)
+    w.broadcast(2 << 64, b"2-0", body)
+    assert w.count[link.WAITING] == 1
+    tw.start()  # the loop writes the rests as the clients read
+    for s in big:
+        status, _, headers, got = answer(s, timeout=10)
+        assert (status, got, headers["x-message-id"]) == (200, body, "2-0")
+    stream.settimeout(10)
+    data = b""
+    while b"id: 2-0" not in data or not data.endswith(b"\n\n"):
+        data += stream.recv(1 << 20)
+    assert data.count(b"id: 1-0\n") == 1 and data.count(b"id: 2-0\n") == 1
+    wait_until(lambda: tw.count("delivered") == 23 + 6, what="29 delivered")
+    assert tw.count("connections") == 1 and tw.count("waiting") == 1
+    assert tw.count("closed_reset") == 1
+    stream.close()
+
+
 def test_a_long_answer_with_unread_bytes_behind_it_lingers(thread_worker):
     """An answer bigger than the socket buffers, to a client that sent more than we read:
     closing right after the last write resets the connection over the unread bytes and throws
