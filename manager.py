@@ -1109,8 +1109,11 @@ class AppServer:
 
     def stats(self) -> dict:
         s = self.supervisor.stats()
+        # An entry of the node's stream dropped is an app frame refused too (SPEC: "counted
+        # as rejected"); stream_rejected (Node.stats) says how many of them.
+        rejected = self.app_rejected + (self.node.reader.rejected if self.node else 0)
         s["manager"] = {"pid": os.getpid(), "messages_in": self.router.messages_in,
-                        "app_rejected": self.app_rejected,
+                        "app_rejected": rejected,
                         "app_refused_full": self.router.refused,
                         "app_connections": self.app_connections,
                         "outbox_messages": sum(len(sl.outbox.unsent) for sl in

@@ -318,12 +318,14 @@ def test_an_app_may_xadd_into_the_owner_stream_itself(cluster, redis_server):
     status, headers, body = get(cluster.owner(id_)[1], f"/{id_}.js")
     assert (status, body, headers["x-message-id"]) == (200, b"straight in", mid)
     before = node.stats()["manager"]["stream_rejected"]
+    app_before = node.stats()["manager"]["app_rejected"]
     redis_server.call("XADD", key, "*", "id", cluster.id_on(0, "other"), "message", "not mine")
     redis_server.call("XADD", key, "*", "id", "bad id", "message", "x")
     redis_server.call("XADD", key, "*", "id", id_)  # no message
     redis_server.call("XADD", key, "*", "message", "no id")
     wait_until(lambda: node.stats()["manager"]["stream_rejected"] == before + 4,
                what="four entries rejected")
+    assert node.stats()["manager"]["app_rejected"] == app_before + 4
     # ... and the node goes on: the next good entry is delivered.
     redis_server.call("XADD", key, "*", "id", id_, "message", "after")
     assert get(cluster.owner(id_)[1], f"/{id_}.js")[2] == b"after"
