@@ -35,13 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CLK_TCK, ROOT, free_port_block, http_json, machine, machine_line  # noqa: E402
-from suite import Sampler, client_fields, client_procs, run_client, send_window  # noqa: E402
+from suite import Sampler, Stopped, client_fields, client_procs, run_client, send_window  # noqa: E402
 
 NODES = 3
-
-
-class Stopped(Exception):
-    pass
 
 
 class Setup:

@@ -597,45 +597,58 @@ def test_a_node_works_without_hiredis(redis_server, tmp_path):
         node.stop()
 
 
-def test_a_cursor_is_never_answered_with_an_older_message_when_the_replay_comes_late(
-        redis_server):
-    """Redis not answering at start (DEBUG SLEEP: a partition, or a Redis loading its data):
-    the workers serve at once, and the history comes when Redis answers, older than the
-    cursors clients bring. A poll or stream waiting with a cursor gets the first message above
-    it, not the first replayed (SPEC "History and the cursor")."""
-    id_ = "x"
+def late_start(redis_server, prefix: str, entries: list, cursor: str):
+    """A node started while Redis does not answer (DEBUG SLEEP 4: a partition, or a Redis
+    loading its data), so its workers serve at once and its history, `entries` (seq, message)
+    of id x at 10 s ago, comes late; a poll and a stream wait with `since=<ms>-<cursor>`.
+    Returns (node, sleeper, ms, port, the poll's answer, the stream's bytes up to its first
+    event); the caller stops the node and joins the sleeper."""
     ms = time.time_ns() // 1_000_000 - 10_000  # within --queue-ttl
-    redis_server.call("XADD", "lateall:0", f"{ms}-1", "id", id_, "message", "older")
-    redis_server.call("XADD", "lateall:0", f"{ms}-9", "id", id_, "message", "newer")
+    for seq, message in entries:
+        redis_server.call("XADD", f"{prefix}:0", f"{ms}-{seq}", "id", "x", "message", message)
     sleeper = redis_server.asleep(4)
     base = free_port_block(W + 1)
-    node = None
     try:
-        node = Node(0, base, ["--redis", redis_server.url, "--stream-prefix", "lateall",
+        node = Node(0, base, ["--redis", redis_server.url, "--stream-prefix", prefix,
                               "--status-interval", "0"], redis_up=False)
-        port = base + server.owner(id_.encode(), W)
-        s = start_poll(port, f"/{id_}.js?since={ms}-5")
-        stream = socket.create_connection(("127.0.0.1", port), timeout=10)
-        stream.sendall(f"GET /{id_}.sse?since={ms}-5 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        wait_until(lambda: waiting(node) == 2, what="poll and stream waiting")
-        assert node.stats()["redis"] == "down"  # still asleep: the replay is yet to come
-        status, headers, body = read_response(s)
-        s.close()
+    except BaseException:
+        sleeper.join()
+        raise
+    port = base + server.owner(b"x", W)
+    s = start_poll(port, f"/x.js?since={ms}-{cursor}")
+    stream = socket.create_connection(("127.0.0.1", port), timeout=10)
+    stream.sendall(f"GET /x.sse?since={ms}-{cursor} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    wait_until(lambda: waiting(node) == 2, what="poll and stream waiting")
+    assert node.stats()["redis"] == "down"  # still asleep: the history is yet to come
+    poll = read_response(s)
+    s.close()
+    got = b""
+    while b"\ndata: " not in got or not got.endswith(b"\n\n"):
+        chunk = stream.recv(4096)
+        assert chunk, got
+        got += chunk
+    stream.close()
+    return node, sleeper, ms, port, poll, got
+
+
+def test_a_cursor_is_never_answered_with_an_older_message_when_the_replay_comes_late(
+        redis_server):
+    """Redis not answering at start: the workers serve at once, and the history comes when
+    Redis answers, older than the cursors clients bring. A poll or stream waiting with a
+    cursor gets the first message above it, not the first replayed (SPEC "History and the
+    cursor")."""
+    node, sleeper, ms, port, poll, got = late_start(
+        redis_server, "lateall", [(1, "older"), (9, "newer")], "5")
+    try:
+        status, headers, body = poll
         assert (status, body, headers["x-message-id"]) == (200, b"newer", f"{ms}-9")
-        got = b""
-        while b"newer" not in got:
-            chunk = stream.recv(4096)
-            assert chunk, got
-            got += chunk
-        stream.close()
         assert b"older" not in got and f"id: {ms}-9".encode() in got, got
         # Caught up: a poll without a cursor gets the oldest not had, "older".
-        status, headers, body = get(port, f"/{id_}.js")
+        status, headers, body = get(port, "/x.js")
         assert (body, headers["x-message-id"]) == (b"older", f"{ms}-1")
     finally:
         sleeper.join()
-        if node is not None:
-            node.stop()
+        node.stop()
 
 
 def test_publishes_are_refused_within_2_s_when_redis_hangs(redis_server):
@@ -744,38 +757,18 @@ def test_a_late_cursor_is_told_of_a_gap_against_the_replayed_history(redis_serve
     """While the history comes late, a gap is decided when the message comes, against what is
     replayed by then ("the worker's start" = the oldest entry replayed), not on arrival, when
     nothing is: the next message after the cursor comes without X-Message-Gap or `event: gap`."""
-    id_ = "x"
-    ms = time.time_ns() // 1_000_000 - 10_000
-    redis_server.call("XADD", "lategap:0", f"{ms}-1", "id", id_, "message", "m1")
-    redis_server.call("XADD", "lategap:0", f"{ms}-2", "id", id_, "message", "m2")
-    sleeper = redis_server.asleep(4)
-    base = free_port_block(W + 1)
-    node = None
+    node, sleeper, ms, port, poll, got = late_start(
+        redis_server, "lategap", [(1, "m1"), (2, "m2")], "1")
     try:
-        node = Node(0, base, ["--redis", redis_server.url, "--stream-prefix", "lategap",
-                              "--status-interval", "0"], redis_up=False)
-        port = base + server.owner(id_.encode(), W)
-        s = start_poll(port, f"/{id_}.js?since={ms}-1")
-        stream = socket.create_connection(("127.0.0.1", port), timeout=10)
-        stream.sendall(f"GET /{id_}.sse?since={ms}-1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        wait_until(lambda: waiting(node) == 2, what="poll and stream waiting")
-        status, headers, body = read_response(s)
-        s.close()
+        status, headers, body = poll
         assert (status, body, headers.get("x-message-gap")) == (200, b"m2", None)
-        got = b""
-        while b"m2" not in got:
-            chunk = stream.recv(4096)
-            assert chunk, got
-            got += chunk
-        stream.close()
-        assert b"event: gap" not in got, got
+        assert b"event: gap" not in got and b"data: m2" in got, got
         # A cursor older than the oldest replayed is a gap, as at any start.
-        status, headers, body = get(port, f"/{id_}.js?since={ms - 1}-0")
+        status, headers, body = get(port, f"/x.js?since={ms - 1}-0")
         assert (body, headers.get("x-message-gap")) == (b"m1", "1")
     finally:
         sleeper.join()
-        if node is not None:
-            node.stop()
+        node.stop()
 
 
 def test_redis_users_without_transactions_or_hashes_still_publish(redis_server):
