@@ -108,6 +108,20 @@ def cpu_of(pids: list) -> float:
     return total
 
 
+def settled(measure, every: float = 0.5, within: float = 0.005, limit: float = 15.0) -> int:
+    """The workers' idle RSS: `measure()` again every `every` s until two readings in a row
+    differ by at most `within` of the first (start-up allocations done), or `limit` s."""
+    last = measure()
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        time.sleep(every)
+        now = measure()
+        if abs(now - last) <= within * last:
+            return now
+        last = now
+    return last
+
+
 def stop(proc: subprocess.Popen, sig: int, wait: float) -> None:
     if proc.poll() is None:
         try:
@@ -143,20 +157,19 @@ def run(a) -> dict:
     client = None
     client_json = Path(a.json).with_suffix(".client.json")
     try:
-        while True:  # every worker up
+        while True:  # every worker healthy: "up" is only spawned, and 51 workers
+            # importing on 2 busy cores take seconds, which would count as time to open
             if time.monotonic() > deadline or manager.poll() is not None:
                 raise RuntimeError(f"the manager did not come up (see {a.log})")
             try:
                 s = stats(app_port)
-                if all(w["up"] for w in s["workers"]):
+                if all(w["healthy"] for w in s["workers"]):
                     break
             except (OSError, RuntimeError, ValueError):
                 pass
             time.sleep(0.2)
-        time.sleep(1.0)  # the workers' idle RSS
-        s = stats(app_port)
         pids = server_pids(s, manager.pid)
-        rss_idle = sum(rss(p) for p in pids[1:])
+        rss_idle = settled(lambda: sum(rss(p) for p in pids[1:]))
         kernel0 = kernel_memory()
         cpu0 = cpu_of(pids)
         client = subprocess.Popen(

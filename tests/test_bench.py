@@ -105,6 +105,16 @@ def test_million_with_a_small_target_reports_every_figure(tmp_path):
     assert (tmp_path / "million.svg").stat().st_size > 1000
 
 
+def test_million_takes_the_idle_rss_once_it_stops_growing():
+    """The baseline of bytes per connection: 51 workers still importing when the client
+    starts made a million connections look like 421 B each instead of ~120."""
+    import million
+    readings = iter([883, 950, 1100, 1115, 1116, 1300])
+    assert million.settled(lambda: next(readings), every=0) == 1116
+    growing = iter(range(100, 10**6, 50))
+    assert million.settled(lambda: next(growing), every=0.01, limit=0.05) > 100  # bounded
+
+
 @pytest.mark.timeout(120)
 def test_bench_nodes_quick_reports_every_figure(tmp_path):
     """make bench-nodes: one node against three on Redis, paced and blast, every message
