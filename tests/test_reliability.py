@@ -196,6 +196,41 @@ def test_fd_tables_grow_as_fds_grow(monkeypatch, thread_worker):
     tw.stop()
 
 
+@pytest.mark.parametrize("option,value", [
+    ("--header-timeout", 0.3), ("--write-timeout", 0.2), ("--poll-timeout", 0.15),
+    ("--sse-heartbeat", 0.1), ("--queue-ttl", 0.05), ("--worker-timeout", 0.2)])
+def test_the_timers_are_swept_at_least_as_often_as_the_shortest_timeout(thread_worker,
+                                                                          option, value):
+    """A pass sweeps only when sweep_at has come; a deadline set between two sweeps is
+    never acted on late only if sweep_every is at most every timeout that sets one."""
+    w = thread_worker(option, str(value), start=False).worker
+    assert w.sweep_every == min(value if option != "--worker-timeout" else value / 4,
+                                server.ACCEPT_BACKOFF)
+    w = thread_worker(start=False).worker  # the defaults: the listener's rest is shortest
+    assert w.sweep_every == server.ACCEPT_BACKOFF
+
+
+def test_a_loop_pass_sweeps_the_timers_only_when_one_may_be_due(thread_worker, monkeypatch):
+    tw = thread_worker(start=False)
+    calls = []
+    real = tw.worker.sweep
+    monkeypatch.setattr(tw.worker, "sweep", lambda now: calls.append(now) or real(now))
+    tw.start()
+    wait_until(lambda: calls, what="the first sweep")
+    passes, t0 = 0, time.monotonic()
+    while passes < 100 and time.monotonic() - t0 < 0.4:
+        done = tw.count("link_done")
+        tw.send(b"nobody%d" % passes, b"m")  # a pass each: nobody waits on these ids
+        end = time.monotonic() + 5
+        while tw.count("link_done") <= done and time.monotonic() < end:
+            time.sleep(0.0005)  # (wait_until's 20 ms steps would leave few passes)
+        passes += 1
+    elapsed = time.monotonic() - t0
+    assert passes >= 5, passes  # (without sweep_at a sweep each: 5 and more)
+    assert len(calls) <= 2 + elapsed / tw.worker.sweep_every, (len(calls), passes, elapsed)
+    tw.stop()
+
+
 def test_a_long_broadcast_beats_the_heart_as_it_goes(thread_worker, monkeypatch):
     """Answering 500,000 waiting polls takes seconds in one loop pass: the heartbeat must not
     go stale meanwhile, or the watchdog kills a worker that is working."""
