@@ -906,6 +906,11 @@ class Worker:
                                   time.time_ns() // 1_000_000)
         self.next_heartbeat = time.monotonic() + self.sse_heartbeat
         self.link_in = b""
+        # One buffer for every link read: os.read(fd, 256 KiB) mallocs that much (glibc
+        # mmaps it), then shrinks it to what came (mremap) and frees it (munmap), three
+        # syscalls and a page fault per read, and paced traffic reads the link per message.
+        self.link_buf = bytearray(LINK_READ_SIZE)
+        self.link_view = memoryview(self.link_buf)
         self.link_read = 0  # link bytes read, in all; those not in link_in were acted on
         self.link_hot = False  # the link had more to read when the per-turn cap stopped us
         self.link_hup = False  # epoll saw the manager's end close: read the link to its EOF
@@ -1786,18 +1791,19 @@ class Worker:
         """Read and act on link frames. False when the manager is gone."""
         for _ in range(LINK_READS_PER_TURN):
             try:
-                chunk = os.read(self.link_fd, LINK_READ_SIZE)
+                n = os.readv(self.link_fd, (self.link_buf,))
             except BlockingIOError:
                 self.link_hot = False
                 return True
             except ConnectionResetError:
                 return False
-            if not chunk:
+            if not n:
                 return False
-            self.link_read += len(chunk)
+            chunk = bytes(self.link_view[:n])  # frames slice it: their ids and messages
+            self.link_read += n
             self.handle_frames(self.link_in + chunk if self.link_in else chunk)
             self.count[BEAT_NS] = time.monotonic_ns()
-            if len(chunk) < LINK_READ_SIZE and not self.link_hup:
+            if n < LINK_READ_SIZE and not self.link_hup:
                 # Drained: what the manager writes next comes with a new edge. Stopping here
                 # saves the read that would only say EAGAIN, one per message when paced. (A
                 # hang-up that came with this edge brings no other: it is read to the EOF.)
