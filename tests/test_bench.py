@@ -108,7 +108,11 @@ def test_million_with_a_small_target_reports_every_figure(tmp_path):
 def test_million_takes_the_idle_rss_once_it_stops_growing():
     """The baseline of bytes per connection: 51 workers still importing when the client
     starts made a million connections look like 421 B each instead of ~120."""
-    import million
+    saved = sys.path[:]
+    try:
+        import million
+    finally:
+        sys.path[:] = saved  # (million puts bench/ first: `import nodes` would find its nodes.py)
     readings = iter([883, 950, 1100, 1115, 1116, 1300])
     assert million.settled(lambda: next(readings), every=0) == 1116
     growing = iter(range(100, 10**6, 50))
