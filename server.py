@@ -1121,16 +1121,22 @@ class Worker:
 
     # -- accepting and reading requests ------------------------------------------------------
 
-    def accept(self) -> None:
+    def accept(self, until_eagain: bool = False) -> None:
         listener, state, fds, count = self.listener, self.state, self.fds, self.count
         # Most wake-ups bring one connection (a re-poll when paced, a ramp over many workers):
         # take what is queued and no more. One that comes after this brings a new edge.
-        try:
-            queued = int.from_bytes(listener.getsockopt(
-                socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)[TCPI_UNACKED:TCP_INFO_LEN - 4],
-                sys.byteorder)
-        except OSError:
-            queued = ACCEPTS_PER_TURN + 1  # (never seen) the old way: accept until EAGAIN
+        # Nothing queued is taken as "not known" (a kernel or sandbox that does not fill the
+        # field must not strand connections): accept until EAGAIN, as `until_eagain` does.
+        queued = 0
+        if not until_eagain:
+            try:
+                queued = int.from_bytes(listener.getsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_INFO,
+                    TCP_INFO_LEN)[TCPI_UNACKED:TCP_INFO_LEN - 4], sys.byteorder)
+            except OSError:
+                pass
+        if not queued:
+            queued = ACCEPTS_PER_TURN + 1
         for _ in range(min(queued, ACCEPTS_PER_TURN)):
             try:
                 # socket.accept() would wrap the fd in a socket object we would throw away.
@@ -1720,12 +1726,11 @@ class Worker:
             return
         self.draining = True
         self.drain_last, self.drain_end = now, now + self.drain
-        self.sweep_at = 0.0  # the drain's slices are the sweep's (drain_pass): from now
         # What the kernel queued before now came with its request (TCP_DEFER_ACCEPT): take it
         # all, to answer it, rather than leave it to be reset when the listener goes.
         self.accept_hot = True
         while self.accept_hot:
-            self.accept()
+            self.accept(until_eagain=True)  # up to the shutdown below, not to a count taken before
             self.count[BEAT_NS] = time.monotonic_ns()
         self.accept_paused_until = 0.0
         self.epoll.unregister(self.listen_fd)
@@ -1946,7 +1951,9 @@ class Worker:
             if self.accept_hot:
                 self.accept()
             now = time.monotonic()
-            if now >= self.sweep_at:
+            # While draining, every pass: a second signal, a poll that starts waiting, change
+            # what drain_pass must do now, and they are no deadlines.
+            if now >= self.sweep_at or self.draining:
                 self.sweep_at = now + min(self.sweep(now), self.sweep_every)
             timeout = max(0.0, self.sweep_at - now)
             if self.draining and self.drained(now):

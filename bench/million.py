@@ -110,7 +110,7 @@ def cpu_of(pids: list) -> float:
 
 def settled(measure, every: float = 0.5, within: float = 0.005, limit: float = 15.0) -> int:
     """The workers' idle RSS: `measure()` again every `every` s until two readings in a row
-    differ by at most `within` of the first (start-up allocations done), or `limit` s."""
+    differ by at most `within` of the earlier (start-up allocations done), or `limit` s."""
     last = measure()
     end = time.monotonic() + limit
     while time.monotonic() < end:

@@ -116,7 +116,7 @@ def test_million_takes_the_idle_rss_once_it_stops_growing():
     readings = iter([883, 950, 1100, 1115, 1116, 1300])
     assert million.settled(lambda: next(readings), every=0) == 1116
     growing = iter(range(100, 10**6, 50))
-    assert million.settled(lambda: next(growing), every=0.01, limit=0.05) > 100  # bounded
+    assert million.settled(lambda: next(growing), every=0.01, limit=0.3) > 100  # bounded
 
 
 @pytest.mark.timeout(120)

@@ -251,7 +251,7 @@ def test_a_loop_pass_sweeps_the_timers_only_when_one_may_be_due(thread_worker, m
     tw.start()
     wait_until(lambda: calls, what="the first sweep")
     passes, t0 = 0, time.monotonic()
-    while passes < 100 and time.monotonic() - t0 < 0.4:
+    while passes < 20:
         done = tw.count("link_done")
         tw.send(b"nobody%d" % passes, b"m")  # a pass each: nobody waits on these ids
         end = time.monotonic() + 5
@@ -259,7 +259,7 @@ def test_a_loop_pass_sweeps_the_timers_only_when_one_may_be_due(thread_worker, m
             time.sleep(0.0005)  # (wait_until's 20 ms steps would leave few passes)
         passes += 1
     elapsed = time.monotonic() - t0
-    assert passes >= 5, passes  # (without sweep_at a sweep each: 5 and more)
+    # Without sweep_at a sweep each pass: 20 and more, in the ~50 ms this takes.
     assert len(calls) <= 2 + elapsed / tw.worker.sweep_every, (len(calls), passes, elapsed)
     tw.stop()
 
