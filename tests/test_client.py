@@ -30,6 +30,7 @@ from client import (
     per_port_counts,
     plan_procs,
     plan_sources,
+    slot,
     split_range,
 )
 from server import owner
@@ -105,6 +106,17 @@ def test_per_port_counts_follow_the_owner_function():
     counts = per_port_counts(b"a", 1000, 3)
     assert sum(counts) == 1000
     assert counts[0] == sum(owner(b"a%d" % i, 3) == 0 for i in range(1000))
+
+
+@pytest.mark.parametrize("prefix", [b"a", b"m", b"zz~", b"x" * 40])  # x * 40: x31 wraps often
+@pytest.mark.parametrize("conns", [1, 9, 10, 11, 1001, 23457])
+def test_per_port_counts_one_hash_per_ten_ids_counts_what_each_hash_would(prefix, conns):
+    for workers, nodes in ((1, 1), (3, 1), (51, 1), (7, 5)):
+        one_by_one = [0] * (workers * nodes)
+        for i in range(conns):
+            node, w = slot(b"%s%d" % (prefix, i), nodes, workers)
+            one_by_one[node * workers + w] += 1
+        assert per_port_counts(prefix, conns, workers, nodes) == one_by_one
 
 
 # ---------------------------------------------------------------------------------------------
