@@ -44,8 +44,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    CLK_TCK,
     ROOT,
-    cpu_seconds,
     free_port_block,
     http_json,
     http_request,
@@ -99,13 +99,21 @@ def server_pids(s: dict, manager_pid: int) -> list:
 
 
 def cpu_of(pids: list) -> float:
-    total = 0.0
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids: list) -> tuple[float, float]:
+    """(utime, stime) of `pids` together, in seconds: Python against the kernel."""
+    user = system = 0
     for pid in pids:
         try:
-            total += cpu_seconds(pid)
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
-            pass
-    return total
+            continue
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def settled(measure, every: float = 0.5, within: float = 0.005, limit: float = 15.0) -> int:
@@ -171,7 +179,8 @@ def run(a) -> dict:
         pids = server_pids(s, manager.pid)
         rss_idle = settled(lambda: sum(rss(p) for p in pids[1:]))
         kernel0 = kernel_memory()
-        cpu0 = cpu_of(pids)
+        split0 = cpu_split(pids)
+        cpu0 = sum(split0)
         client = subprocess.Popen(
             [sys.executable, str(ROOT / "client.py"), "m", "127.0.0.1", "--workers",
              str(workers), "--base-port", str(base_port), "--app-port", str(app_port),
@@ -215,7 +224,10 @@ def run(a) -> dict:
         result["kernel_bytes_per_conn"] = round(
             (result["kernel_full"]["slab_bytes"] - kernel0["slab_bytes"])
             / max(1, t["waiting"]), 1)
-        result["server_cpu_open_s"] = round(cpu_of(pids) - cpu0, 2)
+        split = cpu_split(pids)
+        result["server_cpu_open_s"] = round(sum(split) - cpu0, 2)
+        result["server_cpu_open_user_s"] = round(split[0] - split0[0], 2)
+        result["server_cpu_open_sys_s"] = round(split[1] - split0[1], 2)
         # The messages: client.py sends them once its ramp is over; wait for them.
         cpu1 = cpu_of(pids)
         t_send = time.monotonic()
@@ -295,7 +307,9 @@ def table(r: dict) -> str:
                    f"(+{r.get('kernel_bytes_per_conn', 0):,.0f} B per connection, both ends); "
                    f"TCP inuse {k.get('tcp_inuse', 0):,}, mem "
                    f"{k.get('tcp_mem_bytes', 0) / 2**20:,.0f} MiB"),
-        ("server CPU", f"{r.get('server_cpu_open_s', 0)} s to open, "
+        ("server CPU", f"{r.get('server_cpu_open_s', 0)} s to open (user "
+                       f"{r.get('server_cpu_open_user_s', 0)}, sys "
+                       f"{r.get('server_cpu_open_sys_s', 0)}), "
                        f"{r.get('server_cpu_messages_s', 0)} s for the messages"),
         ("delivery", f"sent {c.get('sent', 0):,}, received {c.get('received', 0):,}, lost "
                      f"{c.get('lost', 0):,}; p50 {lat.get('p50', 0)} ms, p99 "

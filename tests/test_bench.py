@@ -92,6 +92,8 @@ def test_million_with_a_small_target_reports_every_figure(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     data = json.loads(out.read_text())
     assert data["waiting"] == 3000 and data["open_s"] > 0 and data["bytes_per_conn"] > 0
+    assert data["server_cpu_open_user_s"] + data["server_cpu_open_sys_s"] == \
+        pytest.approx(data["server_cpu_open_s"], abs=0.02)
     assert data["series"] and data["kernel_full"]["tcp_inuse"] >= 3000
     c = data["client"]
     assert (c["sent"], c["received"], c["lost"]) == (300, 300, 0)
