@@ -1130,9 +1130,8 @@ class Worker:
         queued = 0
         if not until_eagain:
             try:
-                queued = int.from_bytes(listener.getsockopt(
-                    socket.IPPROTO_TCP, socket.TCP_INFO,
-                    TCP_INFO_LEN)[TCPI_UNACKED:TCP_INFO_LEN - 4], sys.byteorder)
+                info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+                queued = int.from_bytes(info[TCPI_UNACKED:TCPI_UNACKED + 4], sys.byteorder)
             except OSError:
                 pass
         if not queued:
