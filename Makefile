@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test lint run bench bench-micro bench-memory bench-cpu bench-nodes million check soak clean
+.PHONY: test lint run bench bench-micro bench-memory bench-cpu bench-hotpath bench-nodes million check soak clean
 
 $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench-memory: $(VENV)/.installed
 
 bench-cpu: $(VENV)/.installed
 	$(PY) bench/cpu.py
+
+# In-process CPU of one accept and one message (bench/hotpath.py; --root DIR for an A/B).
+bench-hotpath: $(VENV)/.installed
+	$(PY) bench/hotpath.py
 
 # Three nodes on a local redis-server against one node alone, paced and blast (bench/nodes.py).
 bench-nodes: $(VENV)/.installed

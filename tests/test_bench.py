@@ -121,6 +121,22 @@ def test_million_takes_the_idle_rss_once_it_stops_growing():
     assert million.settled(lambda: next(growing), every=0.01, limit=0.3) > 100  # bounded
 
 
+def test_hotpath_measures_both_paths_in_process(tmp_path):
+    """make bench-hotpath, small: one run of each path, a CPU figure for each."""
+    out = tmp_path / "hotpath.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "hotpath.py"), "--polls", "200",
+                        "--runs", "1", "--json", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert len(data["accept_us"]) == len(data["message_us"]) == 1
+    assert data["accept_us"][0] > 0 and data["message_us"][0] > 0
+    assert "read_link() of one message" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "hotpath.py"), "--root",
+                        str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "no server.py there" in r.stderr
+
+
 @pytest.mark.timeout(120)
 def test_bench_nodes_quick_reports_every_figure(tmp_path):
     """make bench-nodes: one node against three on Redis, paced and blast, every message
