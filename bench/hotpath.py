@@ -37,7 +37,8 @@ REQUEST = b"GET /h%d.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
 def queued(listener: socket.socket) -> int:
-    """Connections in the listener's accept queue (tcp_info's tcpi_unacked)."""
+    """Connections in the listener's accept queue (tcp_info's tcpi_unacked; written out, not
+    server.TCPI_UNACKED, which a --root checkout from before it lacks)."""
     info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
     return int.from_bytes(info[24:28], sys.byteorder)
 
@@ -57,69 +58,57 @@ def waiting(worker, link) -> int:
     return worker.count[link.PAGE_FIELDS.index("waiting")]
 
 
+def poll(port: int, i: int) -> socket.socket:
+    c = socket.create_connection(("127.0.0.1", port))
+    c.sendall(REQUEST % i)
+    return c  # kept open by the caller: nothing is closed, the run's child exits
+
+
 def accept_run(server, link, polls: int) -> float:
     """us of CPU per Worker.accept() of one queued poll."""
-    worker, listener, port, ours, theirs = make_worker(server, 4096)
+    worker, listener, port, _, _ = make_worker(server, 4096)
     clients, spent = [], 0.0
-    try:
-        for i in range(polls):
-            c = socket.create_connection(("127.0.0.1", port))
-            c.sendall(REQUEST % i)
-            clients.append(c)
-            deadline = time.monotonic() + 5
-            while not queued(listener):  # its request has arrived: the kernel queued it
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"connection {i} never reached the accept queue")
-            t = time.thread_time()
-            worker.accept()
-            spent += time.thread_time() - t
-        if waiting(worker, link) != polls:
-            raise RuntimeError(f"{waiting(worker, link)} of {polls} polls waiting")
-        return spent / polls * 1e6
-    finally:
-        for c in clients:
-            c.close()
-        for s in (listener, ours, theirs):
-            s.close()
+    for i in range(polls):
+        clients.append(poll(port, i))
+        deadline = time.monotonic() + 5
+        while not queued(listener):  # its request has arrived: the kernel queued it
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"connection {i} never reached the accept queue")
+        t = time.thread_time()
+        worker.accept()
+        spent += time.thread_time() - t
+    if waiting(worker, link) != polls:
+        raise RuntimeError(f"{waiting(worker, link)} of {polls} polls waiting")
+    return spent / polls * 1e6
 
 
 def message_run(server, link, manager, polls: int) -> float:
     """us of CPU per Worker.read_link() of one frame for one waiting poll."""
-    worker, listener, port, ours, theirs = make_worker(server, polls + 128)
-    clients, spent = [], 0.0
-    try:
-        for i in range(polls):
-            c = socket.create_connection(("127.0.0.1", port))
-            c.sendall(REQUEST % i)
-            clients.append(c)
-        deadline = time.monotonic() + 30
-        while waiting(worker, link) < polls:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{waiting(worker, link)} of {polls} polls waiting")
-            worker.accept_hot = True
-            while worker.accept_hot:
-                worker.accept()
-            time.sleep(0.001)
-        ids = manager.MessageIds()
-        for i in range(polls):
-            ours.sendall(link.encode(link.MSG, b"h%d" % i, b"hello %d" % i, *ids.next()))
-            select.select([theirs], [], [])
-            t = time.thread_time()
-            worker.read_link()
-            spent += time.thread_time() - t
-        if waiting(worker, link) != 0:
-            raise RuntimeError(f"{waiting(worker, link)} polls still waiting")
-        return spent / polls * 1e6
-    finally:
-        for c in clients:
-            c.close()
-        for s in (listener, ours, theirs):
-            s.close()
+    worker, _, port, ours, theirs = make_worker(server, polls + 128)
+    clients = [poll(port, i) for i in range(polls)]
+    deadline = time.monotonic() + 30
+    while waiting(worker, link) < len(clients):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{waiting(worker, link)} of {polls} polls waiting")
+        worker.accept_hot = True
+        while worker.accept_hot:
+            worker.accept()
+        time.sleep(0.001)
+    ids, spent = manager.MessageIds(), 0.0
+    for i in range(polls):
+        ours.sendall(link.encode(link.MSG, b"h%d" % i, b"hello %d" % i, *ids.next()))
+        select.select([theirs], [], [])
+        t = time.thread_time()
+        worker.read_link()
+        spent += time.thread_time() - t
+    if waiting(worker, link) != 0:
+        raise RuntimeError(f"{waiting(worker, link)} polls still waiting")
+    return spent / polls * 1e6
 
 
 def in_child(run, *args) -> float:
-    """run(*args) in a forked child: each run starts with a fresh fd table and heap (a worker
-    keeps its connections' fds; the allocator's state is the parent's at the fork)."""
+    """run(*args) in a forked child: each run starts with a fresh fd table (a run leaves its
+    connections open, the worker's fds and the client's: the child's exit closes them)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:

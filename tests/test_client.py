@@ -822,6 +822,57 @@ def test_nothing_opens_where_no_server_listens_exit_1_and_why(tmp_path):
     assert s["exit_status"] == 1 and len(s["shortfalls"]) == 1
 
 
+def answering_server(port: int, answer: bytes, then_close: bool, stop: threading.Event):
+    """Answers every request on `port` with `answer`; closes after it (0.2 s later) or never."""
+    held = []
+    with socket.socket() as lsock:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(("127.0.0.1", port))
+        lsock.listen(64)
+        lsock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(2)
+            conn.recv(4096)
+            conn.sendall(answer)
+            if then_close:
+                time.sleep(0.2)
+                conn.close()
+            else:
+                held.append(conn)  # the answer is whole by its Content-Length: no FIN needed
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.parametrize("answer,then_close,least", [
+    # Whole by its Content-Length: taken with no FIN ever coming (re-polls go on).
+    (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", False, 5),
+    # Without a Content-Length the body ends at the EOF: read on to it, then take it.
+    (b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n", True, 1),
+])
+def test_an_answer_is_taken_when_whole_by_its_length_or_at_the_eof(tmp_path, answer,
+                                                                   then_close, least):
+    port = free_port_block(2)
+    stop = threading.Event()
+    t = threading.Thread(target=answering_server, args=(port, answer, then_close, stop))
+    t.start()
+    try:
+        out = tmp_path / "s.json"
+        subprocess.run([*CLIENT, "e", "127.0.0.1", "--conns", "1", "--workers", "1",
+                        "--base-port", str(port), "--app-port", str(port + 1), "--hold", "1.5",
+                        "--max-time", "4", "--json", str(out)], cwd=ROOT, capture_output=True,
+                       timeout=30)
+        status = json.loads(out.read_text())["status"]
+        assert status.get("204", 0) >= least, status
+        assert set(status) == {"204"}, status
+    finally:
+        stop.set()
+        t.join(5)
+
+
 def test_a_server_that_never_accepts_gives_timeouts(tmp_path):
     import socket
     port = free_port_block(2)

@@ -168,7 +168,8 @@ def test_accept_takes_what_the_kernel_queued_and_never_asks_for_eagain(thread_wo
     w.epoll.register(w.listen_fd, 0)
     socks = [start_poll(tw.port, f"q{k}") for k in range(3)]
     queue = lambda: int.from_bytes(tw.listener.getsockopt(  # noqa: E731
-        socket.IPPROTO_TCP, socket.TCP_INFO, 32)[24:28], sys.byteorder)
+        socket.IPPROTO_TCP, socket.TCP_INFO, server.TCP_INFO_LEN)[
+        server.TCPI_UNACKED:server.TCPI_UNACKED + 4], sys.byteorder)
     wait_until(lambda: queue() == 3, what="3 requests in the accept queue")
     w.listener = counting = CountingListener(tw.listener)
     w.accept()
