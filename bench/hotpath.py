@@ -64,16 +64,25 @@ def poll(port: int, i: int) -> socket.socket:
     return c  # kept open by the caller: nothing is closed, the run's child exits
 
 
-def accept_run(server, link, polls: int) -> float:
+def evict(junk) -> None:
+    """Write over `junk` (a bytearray, or None: nothing), one byte per 64-byte line: what
+    the other processes on a core do to its caches between two wake-ups of a worker."""
+    if junk is not None:
+        junk[::64] = bytes(len(junk) // 64)
+
+
+def accept_run(server, link, polls: int, evict_mb: int = 0) -> float:
     """us of CPU per Worker.accept() of one queued poll."""
     worker, listener, port, _, _ = make_worker(server, 4096)
     clients, spent = [], 0.0
+    junk = bytearray(evict_mb << 20) if evict_mb else None
     for i in range(polls):
         clients.append(poll(port, i))
         deadline = time.monotonic() + 5
         while not queued(listener):  # its request has arrived: the kernel queued it
             if time.monotonic() > deadline:
                 raise RuntimeError(f"connection {i} never reached the accept queue")
+        evict(junk)
         t = time.thread_time()
         worker.accept()
         spent += time.thread_time() - t
@@ -82,9 +91,10 @@ def accept_run(server, link, polls: int) -> float:
     return spent / polls * 1e6
 
 
-def message_run(server, link, manager, polls: int) -> float:
+def message_run(server, link, manager, polls: int, evict_mb: int = 0) -> float:
     """us of CPU per Worker.read_link() of one frame for one waiting poll."""
     worker, _, port, ours, theirs = make_worker(server, polls + 128)
+    junk = bytearray(evict_mb << 20) if evict_mb else None
     clients = [poll(port, i) for i in range(polls)]
     deadline = time.monotonic() + 30
     while waiting(worker, link) < len(clients):
@@ -98,6 +108,7 @@ def message_run(server, link, manager, polls: int) -> float:
     for i in range(polls):
         ours.sendall(link.encode(link.MSG, b"h%d" % i, b"hello %d" % i, *ids.next()))
         select.select([theirs], [], [])
+        evict(junk)
         t = time.thread_time()
         worker.read_link()
         spent += time.thread_time() - t
@@ -135,6 +146,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--root", type=Path, default=ROOT,
                    help="the checkout whose server.py is measured (default this one)")
+    p.add_argument("--evict", type=int, default=0, metavar="MB",
+                   help="before each call, write over MB MiB (one byte a cache line): the "
+                        "caches as cold as after other processes ran (default 0: off)")
     p.add_argument("--json", help="write the results there as JSON")
     a = p.parse_args(argv)
     if not (a.root / "server.py").is_file():
@@ -144,12 +158,13 @@ def main(argv=None) -> int:
     import manager
     import server
 
-    results = {"root": str(a.root.resolve()), "polls": a.polls,
+    results = {"root": str(a.root.resolve()), "polls": a.polls, "evict_mb": a.evict,
                "accept_us": [], "message_us": []}
     for _ in range(a.runs):
-        results["accept_us"].append(round(in_child(accept_run, server, link, a.polls), 2))
+        results["accept_us"].append(
+            round(in_child(accept_run, server, link, a.polls, a.evict), 2))
         results["message_us"].append(
-            round(in_child(message_run, server, link, manager, a.polls), 2))
+            round(in_child(message_run, server, link, manager, a.polls, a.evict), 2))
     for key, what in (("accept_us", "accept() of one queued poll (accept, read, parse, wait)"),
                       ("message_us", "read_link() of one message to a waiting poll (read, "
                                      "keep, answer, close)")):

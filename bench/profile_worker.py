@@ -4,7 +4,7 @@ bench/cpu.py (no manager: this script writes the link frames itself).
 
     .venv/bin/python bench/profile_worker.py memory [--conns 19000] [--suffix sse]
     .venv/bin/python bench/profile_worker.py cpu [--conns 19000] [--top 25]
-    .venv/bin/python bench/profile_worker.py time [--conns 19000] [--defer-accept 10]
+    .venv/bin/python bench/profile_worker.py time [--conns 19000] [--defer-accept 10] [--rate 8000]
 
 memory: tracemalloc snapshots before and after --conns connections wait; prints the
 allocations that grew, by line, next to the RSS growth (the gap is allocator overhead).
@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--defer-accept", type=int, default=0, metavar="S")
     p.add_argument("--conns", type=int, default=19000)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--rate", type=int, default=8000,
+                   help="connects per second (8000; 200-400 is the million's per-worker trickle)")
     p.add_argument("--suffix", default="js", choices=("js", "sse"),
                    help="js: long polls (default); sse: Server-Sent Events streams")
     a = p.parse_args(argv)
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
         wait_idle([pid])
         os.kill(pid, signal.SIGUSR1)
         time.sleep(0.5)
-        load = LoadGroup(port, a.conns, rate=0 if a.mode == "memory" else 8000,
+        load = LoadGroup(port, a.conns, rate=0 if a.mode == "memory" else a.rate,
                          suffix=a.suffix)
         load.wait_open()
         wait_idle([pid], quiet=0.5, timeout=120)

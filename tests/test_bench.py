@@ -122,13 +122,15 @@ def test_million_takes_the_idle_rss_once_it_stops_growing():
 
 
 def test_hotpath_measures_both_paths_in_process(tmp_path):
-    """make bench-hotpath, small: one run of each path, a CPU figure for each."""
+    """make bench-hotpath, small: one run of each path, a CPU figure for each, with the
+    caches written over before each call (--evict)."""
     out = tmp_path / "hotpath.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "hotpath.py"), "--polls", "200",
-                        "--runs", "1", "--json", str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=60)
+                        "--runs", "1", "--evict", "1", "--json", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     data = json.loads(out.read_text())
+    assert data["evict_mb"] == 1
     assert len(data["accept_us"]) == len(data["message_us"]) == 1
     assert data["accept_us"][0] > 0 and data["message_us"][0] > 0
     assert "read_link() of one message" in r.stdout
