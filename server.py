@@ -162,18 +162,25 @@ BEAT_INTERVAL = 1.0  # the loop passes at least this often (heartbeat), and --wo
 # Why a connection was closed unanswered, from the errno of the read or write that failed.
 CLOSE_CAUSES = {errno.ETIMEDOUT: CLOSED_TIMED_OUT, errno.ECONNRESET: CLOSED_RESET,
                 errno.EPIPE: CLOSED_RESET}
-ID_RE = re.compile(rb"[A-Za-z0-9_~-]{1,128}")
+# Byte classes, checked as `not b.translate(None, CLASS)` (nothing left: every byte is in
+# it). One C call, where a regex match runs the sre engine: a worker woken for one request
+# has it cold, ~6 us per first match (bench/hotpath.py --evict). Each is its regex's class
+# exactly (tests/test_parser.py, tests/test_hash.py).
+ALNUM = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+ID_CHARS = ALNUM + b"_~-"  # an id: 1-128 of them (SPEC)
+TCHAR = ALNUM + b"!#$%&'*+.^_`|~-"  # a token (RFC 9110 5.6.2): a method, a header name
+VCHAR = bytes(range(0x21, 0x7F))  # visible ASCII (RFC 9112 3.2): a request target
+REG_NAME = ALNUM + b"-._~!$&'()*+,;="  # a host name without %-escapes (RFC 3986 3.2.2)
+DIGITS = b"0123456789"
+ID_MAX = 128
 CALLBACK_RE = re.compile(rb"[A-Za-z_$][A-Za-z0-9_$.]{0,63}")
-# Host: RFC 3986's host (an IP literal, or a reg-name of unreserved, %-escapes and sub-delims)
-# and an optional port. Nothing else reaches a 307's Location: no controls, no spaces, no 8-bit.
+# Host: see valid_host.
 HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)"
                      rb"(?::[0-9]{0,5})?")
-TARGET_RE = re.compile(rb"[\x21-\x7e]+")  # visible ASCII (RFC 9112 3.2)
 ABSOLUTE_RE = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?#]*)(/[^#]*)?")  # absolute-form
 EMPTY_LINES_MAX = 8  # bytes of empty lines taken before a request line (RFC 9112 2.2: at least
 # one); more is refused, as walking them again on each read of a slow client costs quadratic CPU
 LENGTH_DIGITS = 19  # a poll's Content-Length: digits only, 19 of them at most (int64)
-TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 NEWLINE_RE = re.compile(rb"\r\n|\r|\n")  # where an SSE message is cut into data: lines
 REPLAY_CHUNK = 64 * 1024  # a stream's replay is read from history about this much at a time
 SSE_RETRY = b"retry: 2000\n\n"  # EventSource reconnects after 2 s (SPEC)
@@ -211,7 +218,19 @@ def owner(id_: bytes, workers: int) -> int:
 
 
 def valid_id(id_: bytes) -> bool:
-    return ID_RE.fullmatch(id_) is not None
+    return 0 < len(id_) <= ID_MAX and not id_.translate(None, ID_CHARS)
+
+
+def valid_host(host: bytes) -> bool:
+    """RFC 3986's host (an IP literal, or a reg-name of unreserved, %-escapes and sub-delims)
+    and an optional port: nothing else reaches a 307's Location (no controls, no spaces, no
+    8-bit). A name and a port without %-escapes, the usual Host, is checked without the
+    regex."""
+    name, colon, port = host.partition(b":")
+    if name and not name.translate(None, REG_NAME) and (
+            not colon or (len(port) <= 5 and not port.translate(None, DIGITS))):
+        return True
+    return HOST_RE.fullmatch(host) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +245,9 @@ class HTTPError(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+new_tuple = tuple.__new__
 
 
 class Request(NamedTuple):
@@ -268,33 +290,35 @@ def parse_request(buf: bytes, scanned: int = 0, limit: int = MAX_HEAD):
         raise HTTPError(431, f"request head over {limit} bytes")
     lines = buf[:used].split(b"\n")
     line = lines[0].removesuffix(b"\r")  # one CR: a second one is a bare CR
-    if b"\r" in line:
+    # find(), not `in`: bytes.__contains__ tries its argument as an int first, and formats
+    # the exception it then clears.
+    if line.find(b"\r") != -1:
         raise HTTPError(400, "bare CR in the request line")
     parts = line.split(b" ")
     if len(parts) != 3:
         raise HTTPError(400, "malformed request line")
     method, target, version = parts
-    if TOKEN_RE.fullmatch(method) is None:
+    if not method or method.translate(None, TCHAR):
         raise HTTPError(400, "malformed method")
     if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         raise HTTPError(400, "only HTTP/1.0 and HTTP/1.1 are served")
-    if TARGET_RE.fullmatch(target) is None:
+    if not target or target.translate(None, VCHAR):
         # Visible ASCII only (RFC 9112 3.2): the target is echoed into a 307's Location.
         raise HTTPError(400, "request target must be a path of visible ASCII")
     authority = None
     if target[0] != 47:  # not "/": the absolute form, http://host/path
         absolute = ABSOLUTE_RE.fullmatch(target)
-        if absolute is None or HOST_RE.fullmatch(absolute[1]) is None:
+        if absolute is None or not valid_host(absolute[1]):
             raise HTTPError(400, "request target must be a path or an http:// URL")
         authority, target = absolute[1], absolute[2] or b"/"
     path, _, query = target.partition(b"?")
     headers = {}
     for raw in lines[1:-2]:
         name, colon, value = raw.removesuffix(b"\r").partition(b":")
-        if not colon or TOKEN_RE.fullmatch(name) is None:
+        if not colon or not name or name.translate(None, TCHAR):
             raise HTTPError(400, "malformed header line")
         value = value.strip(b" \t")
-        if b"\r" in value or b"\x00" in value:
+        if value.find(b"\r") != -1 or value.find(b"\x00") != -1:
             raise HTTPError(400, "control character in a header value")
         name = name.lower()
         if name in headers:
@@ -304,9 +328,11 @@ def parse_request(buf: bytes, scanned: int = 0, limit: int = MAX_HEAD):
         headers[name] = value
     if authority is not None:
         headers[b"host"] = authority  # RFC 9112 3.2.2: the target's authority wins
-    elif headers.get(b"host") and HOST_RE.fullmatch(headers[b"host"]) is None:
+    elif headers.get(b"host") and not valid_host(headers[b"host"]):
         raise HTTPError(400, "invalid Host header")  # an empty one is allowed (RFC 9112 3.2)
-    return Request(method, path, query, version, headers), used
+    # tuple.__new__ straight: Request(...) would run the named tuple's __new__, a Python
+    # function (a frame more, 8 us of a cold worker's time).
+    return new_tuple(Request, (method, path, query, version, headers)), used
 
 
 def parse_after_empty_lines(buf: bytes, scanned: int, limit: int):
@@ -754,7 +780,7 @@ def location(req: Request, home: int, fd: int, public: Public) -> bytes:
     if public.trusted and (b"x-forwarded-proto" in headers or b"x-forwarded-port" in headers) \
             and trusted_peer(fd, public.trusted):
         scheme, port = forwarded(headers, scheme, port, public.worker, home)
-    host = headers.get(b"host")  # checked by the parser (HOST_RE)
+    host = headers.get(b"host")  # checked by the parser (valid_host)
     if host:
         host = host[: host.index(b"]") + 1] if host.startswith(b"[") else host.split(b":")[0]
     else:
@@ -1285,7 +1311,7 @@ class Worker:
                 self.refuse(fd, HTTPError(404, "not found: poll GET /<id>.js, stream "
                                                "GET /<id>.sse"))
             return
-        if ID_RE.fullmatch(id_) is None:
+        if not 0 < len(id_) <= ID_MAX or id_.translate(None, ID_CHARS):
             self.refuse(fd, HTTPError(400, "invalid id: 1-128 bytes of [A-Za-z0-9_~-]"))
             return
         callback = cursor = None

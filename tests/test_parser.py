@@ -1,11 +1,28 @@
 """parse_request: a pure function over bytes. (Request, used) for a whole head, (None, scanned)
 while more bytes are needed, HTTPError (.status 400/431) for anything refused."""
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server import MAX_HEAD, HTTPError, Request, parse_request
+from server import (
+    HOST_RE,
+    MAX_HEAD,
+    REG_NAME,
+    TCHAR,
+    VCHAR,
+    HTTPError,
+    Request,
+    parse_request,
+    valid_host,
+)
+
+# The grammar as regexes (RFC 9110 5.6.2 token, RFC 9112 3.2 visible ASCII): the parser checks
+# them with bytes.translate and byte classes, which must say the same for any bytes.
+TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+TARGET_RE = re.compile(rb"[\x21-\x7e]+")
 
 SIMPLE = b"GET /alice.js?callback=cb&x=1 HTTP/1.1\r\nHost: example.com:8001\r\nX-A: b\r\n\r\n"
 
@@ -330,3 +347,30 @@ def test_long_input_is_never_accepted_past_the_limit(pad, tail):
         assert len(buf) <= MAX_HEAD
     else:
         assert used <= MAX_HEAD
+
+
+@given(st.binary(max_size=24))
+def test_byte_classes_are_the_grammar(data):
+    """`b and not b.translate(None, CLASS)`, as parse_request checks, is the regex exactly."""
+    assert (bool(data) and not data.translate(None, TCHAR)) == bool(TOKEN_RE.fullmatch(data))
+    assert (bool(data) and not data.translate(None, VCHAR)) == bool(TARGET_RE.fullmatch(data))
+
+
+HOSTISH = st.binary(max_size=20) | st.lists(
+    st.sampled_from([bytes([c]) for c in REG_NAME + b":%[]@/ \x00\x7f\xff"] + [b"%41", b"%g"]),
+    max_size=12).map(b"".join)
+
+
+@given(HOSTISH)
+def test_valid_host_is_host_re_exactly(host):
+    """valid_host checks a plain name[:port] without the regex, and asks HOST_RE the rest:
+    together they say what HOST_RE alone says."""
+    assert valid_host(host) == bool(HOST_RE.fullmatch(host))
+
+
+@pytest.mark.parametrize("host, ok", [
+    (b"example.com", True), (b"127.0.0.1:8000", True), (b"a:", True), (b"a:123456", False),
+    (b":80", False), (b"[::1]:8000", True), (b"ex%41mple.com", True), (b"a b", False),
+    (b"a:8:9", False), (b"a\x00", False), (b"caf\xc3\xa9", False)])
+def test_valid_host_examples(host, ok):
+    assert valid_host(host) is ok
