@@ -124,16 +124,9 @@ PAGE_FD = 5  # where the manager puts this worker's shared page (link.py)
 EXIT_BOOT_ERROR = 3  # "cannot even start": the manager stops instead of restart-looping
 
 MAX_HEAD = 8192  # request head limit; over it is 431 (nginx's 8k header buffers, node's old 8 KiB)
-# Accepts per loop turn, so that a burst of new connections cannot hold back the messages
-# waiting on the link: each accept reads and parses a request (~25 us), so 512 a turn made
-# 13 ms turns. Measured (2 workers, 40,000 polls re-polling, 5,000 msgs/s paced, client on
-# the same 2-core box, 2 runs each): p99 delivery 16.4/17.9 ms with 512, 6.7/6.0 with 64;
-# 16 and 4 gave no more (5.6-7.6). One more epoll_wait per 64 accepts costs nothing visible.
+# Accepts per call while draining (Worker.start_drain takes the whole backlog in one go).
+# The loop takes one per pass (Worker.accept).
 ACCEPTS_PER_TURN = 64
-# A listener's struct tcp_info says in tcpi_unacked (a u32 at byte 24) how many connections
-# wait in its accept queue (Linux tcp_get_info, since 2.6): accepting just those spares the
-# accept() that only says EAGAIN, ~5.5 us of Python (an exception) against ~0.9 for this.
-TCPI_UNACKED, TCP_INFO_LEN = 24, 32
 LINK_READS_PER_TURN = 16  # link reads of LINK_READ_SIZE per turn, same reason
 LINK_READ_SIZE = 256 * 1024
 GARBAGE_MAX = 256 * 1024  # bytes a client may send after its request, in all, before it is closed
@@ -939,7 +932,6 @@ class Worker:
         self.link_read = 0  # link bytes read, in all; those not in link_in were acted on
         self.link_hot = False  # the link had more to read when the per-turn cap stopped us
         self.link_hup = False  # epoll saw the manager's end close: read the link to its EOF
-        self.accept_hot = False  # same for the listener
         self.accept_paused_until = 0.0  # EMFILE and friends: listener unwatched until then
         self.last_limit_log: dict = {}  # limit name -> when it was last logged
         # --subscriber-key-file: None, every poll is served; else the keys a URL may be signed
@@ -1146,33 +1138,27 @@ class Worker:
 
     # -- accepting and reading requests ------------------------------------------------------
 
-    def accept(self, until_eagain: bool = False) -> None:
+    def accept(self, until_eagain: bool = False) -> bool:
+        """One queued connection: accepted, its request read and acted on. The listener is
+        level-triggered, so epoll reports it again on the next pass while more are queued.
+        Most wake-ups bring one (a re-poll when paced, a ramp spread over many workers): one
+        accept per pass needs no accept() that only says EAGAIN (an exception) and no count
+        asked of the kernel (tcp_info), each of which cost a worker woken at a trickle more
+        than a pass does (bench/hotpath.py --evict); a burst pays a pass per connection
+        instead, which also lets the link's messages in between. `until_eagain`: up to
+        ACCEPTS_PER_TURN, to the EAGAIN; True if it stopped at that cap (more may wait)."""
         listener, state, fds, count = self.listener, self.state, self.fds, self.count
-        # Most wake-ups bring one connection (a re-poll when paced, a ramp over many workers):
-        # take what is queued and no more. One that comes after this brings a new edge.
-        # Nothing queued is taken as "not known" (a kernel or sandbox that does not fill the
-        # field must not strand connections): accept until EAGAIN, as `until_eagain` does.
-        queued = 0
-        if not until_eagain:
-            try:
-                info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
-                queued = int.from_bytes(info[TCPI_UNACKED:TCPI_UNACKED + 4], sys.byteorder)
-            except OSError:
-                pass
-        if not queued:
-            queued = ACCEPTS_PER_TURN + 1
-        for _ in range(min(queued, ACCEPTS_PER_TURN)):
+        for _ in range(ACCEPTS_PER_TURN if until_eagain else 1):
             try:
                 # socket.accept() would wrap the fd in a socket object we would throw away.
                 fd, peer = listener._accept()
             except BlockingIOError:
-                self.accept_hot = False
-                return
+                return False
             except OSError as e:
                 if e.errno in ACCEPT_TRANSIENT:
                     continue  # that one connection is gone; the next may be fine
                 self.pause_accept(e)
-                return
+                return False
             if fd >= len(state):
                 self.grow_tables(fd)
             fd = fds[fd]
@@ -1187,7 +1173,7 @@ class Worker:
             # The request has usually arrived with the handshake (TCP_DEFER_ACCEPT): read it
             # before registering, so a connection answered at once never costs an epoll_ctl.
             self.read_head(fd, None)
-        self.accept_hot = queued > ACCEPTS_PER_TURN
+        return until_eagain
 
     def sockopt(self, fd: int, level: int, option: int, value: int) -> None:
         """setsockopt on a bare fd (the connection has no socket object: see the memory
@@ -1204,7 +1190,6 @@ class Worker:
         # Linux keeps reporting the listener readable, so stop watching it for a while
         # instead of spinning; the pending connections wait in the backlog.
         self.epoll.modify(self.listen_fd, 0)
-        self.accept_hot = False
         self.accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
         if e.errno in (errno.EMFILE, errno.ENFILE):
             limit = "the open-file limit" if e.errno == errno.EMFILE else \
@@ -1754,9 +1739,7 @@ class Worker:
         self.drain_last, self.drain_end = now, now + self.drain
         # What the kernel queued before now came with its request (TCP_DEFER_ACCEPT): take it
         # all, to answer it, rather than leave it to be reset when the listener goes.
-        self.accept_hot = True
-        while self.accept_hot:
-            self.accept(until_eagain=True)  # up to the shutdown below, not to a count taken before
+        while self.accept(until_eagain=True):
             self.count[BEAT_NS] = time.monotonic_ns()
         self.accept_paused_until = 0.0
         self.epoll.unregister(self.listen_fd)
@@ -1868,8 +1851,7 @@ class Worker:
         until CAUGHT_UP, waiting cursors are kept (`cursors`) and messages at or below one
         are not sent to it (to_waiters)."""
         if self.held and not self.draining:
-            self.epoll.modify(self.listen_fd, select.EPOLLIN | select.EPOLLET)
-            self.accept_hot = True
+            self.epoll.modify(self.listen_fd, select.EPOLLIN)  # reported now if any wait
         self.held = False
         if partial and self.cursors is None:
             self.cursors = {}
@@ -1912,8 +1894,8 @@ class Worker:
         if self.accept_paused_until:
             if self.accept_paused_until <= now:
                 self.accept_paused_until = 0.0
-                self.accept_hot = True  # connections may be waiting in the backlog
-                self.epoll.modify(self.listen_fd, select.EPOLLIN | select.EPOLLET)
+                # reported on the next pass if connections wait in the backlog
+                self.epoll.modify(self.listen_fd, select.EPOLLIN)
             else:
                 nxt.append(self.accept_paused_until)
         return max(0.0, min(nxt) - now)
@@ -1925,7 +1907,8 @@ class Worker:
         state = self.state
         count = self.count
         listen_fd, link_fd, wake_fd = self.listen_fd, self.link_fd, self.wake_fd
-        epoll.register(listen_fd, 0 if self.held else select.EPOLLIN | select.EPOLLET)
+        # Level-triggered, unlike every other fd here: see accept().
+        epoll.register(listen_fd, 0 if self.held else select.EPOLLIN)
         epoll.register(link_fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
         if wake_fd is not None:
             epoll.register(wake_fd, select.EPOLLIN | select.EPOLLET)
@@ -1936,14 +1919,14 @@ class Worker:
                 self.reload_keys = False
                 if self.key_file is not None:
                     self.load_keys()
-            if self.accept_hot or self.link_hot:
+            if self.link_hot:
                 timeout = 0
             events = epoll.poll(timeout, 1024)
             link_ready = self.link_hot
-            signalled = False
+            signalled = accept_ready = False
             for fd, ev in events:
                 if fd == listen_fd:
-                    self.accept_hot = True
+                    accept_ready = True
                     continue
                 if fd == link_fd:
                     link_ready = True
@@ -1974,7 +1957,7 @@ class Worker:
                 return
             if signalled:
                 self.read_signals()
-            if self.accept_hot:
+            if accept_ready:
                 self.accept()
             now = time.monotonic()
             # While draining, every pass: a second signal, a poll that starts waiting, change

@@ -144,9 +144,6 @@ class BrokenListener:
         self.calls += 1
         raise OSError(self.err, os.strerror(self.err))
 
-    def getsockopt(self, level, option, size):  # tcp_info: 1,000 in the accept queue
-        return bytes(server.TCPI_UNACKED) + (1000).to_bytes(4, sys.byteorder) + bytes(4)
-
 
 class CountingListener:
     def __init__(self, real):
@@ -156,24 +153,25 @@ class CountingListener:
         self.calls += 1
         return self.real._accept()
 
-    def getsockopt(self, *args):
-        return self.real.getsockopt(*args)
 
-
-def test_accept_takes_what_the_kernel_queued_and_never_asks_for_eagain(thread_worker):
-    """A listener's tcp_info counts its accept queue: a wake-up with three connections
-    queued makes three accept() calls, not a fourth that raises BlockingIOError (~5.5 us)."""
+def test_accept_takes_one_a_pass_and_the_listener_stays_reported_while_more_wait(
+        thread_worker):
+    """The listener is level-triggered: each accept() takes one connection, with no accept()
+    that only says EAGAIN (an exception), and epoll reports the listener again until the
+    queue is empty."""
     tw = thread_worker(start=False)
     w = tw.worker
-    w.epoll.register(w.listen_fd, 0)
+    w.epoll.register(w.listen_fd, select.EPOLLIN)
     socks = [start_poll(tw.port, f"q{k}") for k in range(3)]
     queue = lambda: int.from_bytes(tw.listener.getsockopt(  # noqa: E731
-        socket.IPPROTO_TCP, socket.TCP_INFO, server.TCP_INFO_LEN)[
-        server.TCPI_UNACKED:server.TCPI_UNACKED + 4], sys.byteorder)
+        socket.IPPROTO_TCP, socket.TCP_INFO, 32)[24:28], sys.byteorder)  # tcpi_unacked
     wait_until(lambda: queue() == 3, what="3 requests in the accept queue")
     w.listener = counting = CountingListener(tw.listener)
-    w.accept()
-    assert counting.calls == 3 and not w.accept_hot
+    for k in range(3):
+        assert (w.listen_fd, select.EPOLLIN) in w.epoll.poll(0)
+        assert w.accept() is False
+        assert counting.calls == k + 1
+    assert w.epoll.poll(0) == []  # all taken: not reported, and no fourth accept()
     assert w.count[link.PAGE_FIELDS.index("waiting")] == 3
     for s in socks:
         s.close()
@@ -186,7 +184,7 @@ def test_a_failing_listener_rests_instead_of_spinning(thread_worker, capsys, err
     w.epoll.register(w.listen_fd, 0)
     w.listener = BrokenListener(err)
     w.accept()
-    assert w.listener.calls == 1 and not w.accept_hot and w.accept_paused_until > 0
+    assert w.listener.calls == 1 and w.accept_paused_until > 0
     assert "accept failed" in capsys.readouterr().err
     w.accept_paused_until = time.monotonic() - 1  # the rest is over: it tries again, once
     w.sweep(time.monotonic())
@@ -200,7 +198,9 @@ def test_an_aborted_connection_does_not_pause_the_listener(thread_worker):
     w.epoll.register(w.listen_fd, 0)
     w.listener = BrokenListener(errno.ECONNABORTED)
     w.accept()
-    assert w.listener.calls == server.ACCEPTS_PER_TURN and not w.accept_paused_until
+    assert w.listener.calls == 1 and not w.accept_paused_until
+    assert w.accept(until_eagain=True) is True  # the drain's: on to the cap, still not paused
+    assert w.listener.calls == 1 + server.ACCEPTS_PER_TURN and not w.accept_paused_until
 
 
 @pytest.mark.parametrize("limit", [resource.RLIM_INFINITY, 1_073_741_816, 1_048_576])
