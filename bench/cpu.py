@@ -201,6 +201,8 @@ def main(argv=None) -> int:
     if "project" in impls and "uvloop" in impls:
         pr, uv = result["impls"]["project"], result["impls"]["uvloop"]
         for what, label in (("conn_us", "connection"), ("msg_us", "message")):
+            if not uv[what]["total"]["median"]:
+                continue  # under a clock tick (--messages 10, say): no ratio to give
             ratio = pr[what]["total"]["median"] / uv[what]["total"]["median"]
             result[f"project_vs_uvloop_{what}"] = ratio
             print(f"  project / uvloop per {label}: {ratio:.2f} "

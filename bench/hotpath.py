@@ -2,7 +2,8 @@
 message costs the worker without the noise of a whole run (the README's "What a wake-up
 costs here" quotes it).
 
-    .venv/bin/python bench/hotpath.py [--polls 4000] [--runs 3] [--root DIR] [--json FILE]
+    .venv/bin/python bench/hotpath.py [--polls 4000] [--runs 3] [--root DIR] [--evict MB]
+                                      [--json FILE]
 
 - accept: one connection queued (its request arrived, TCP_DEFER_ACCEPT), then one call of
   Worker.accept(): accept, read, parse, register, wait. A paced re-poll, or a ramp over many
@@ -14,6 +15,11 @@ The load (the client connects, the test writes frames) runs between the calls in
 process, so each call starts with caches as cold as a paced worker's. CPU per call is
 time.thread_time() around it (user + system of this thread); each run in a forked child (a
 fresh fd table); the median of --runs runs.
+
+--evict MB writes over MB MiB (one byte a cache line) before each call: the caches as cold
+as a worker's that was woken out of an idle wait while other processes ran (a trickle of
+connections over many workers, the million's ramp). Here 16 MiB takes accept() from ~52 to
+~200 us, what one worker costs per connection at 400 connections/s.
 
 --root DIR imports server.py (and link.py, manager.py) from another checkout, e.g. a git
 worktree of an older commit: run both, alternating, to measure a change. What this cannot

@@ -316,7 +316,9 @@ def table(r: dict) -> str:
                      f"{lat.get('p99', 0)} ms"),
         ("broadcast", f"written to all {b.get('written', 0):,} of {b.get('waiting', 0):,} in "
                       f"{b.get('time_to_all_s')} s (server CPU {b.get('server_cpu_s')} s); "
-                      f"99% polling again after {b.get('repolled_99pct_s')} s"),
+                      + (f"99% polling again after {b['repolled_99pct_s']} s"
+                         if b.get("repolled_99pct_s") else
+                         "not 99% polling again within 180 s")),
     ]
     return "\n".join(f"  {name:14} {value}" for name, value in rows)
 

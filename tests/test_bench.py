@@ -121,6 +121,20 @@ def test_million_takes_the_idle_rss_once_it_stops_growing():
     assert million.settled(lambda: next(growing), every=0.01, limit=0.3) > 100  # bounded
 
 
+def test_million_table_says_when_the_repoll_storm_did_not_settle():
+    saved = sys.path[:]
+    try:
+        import million
+    finally:
+        sys.path[:] = saved
+    b = {"written": 10, "waiting": 10, "time_to_all_s": 1.5, "server_cpu_s": 1.0,
+         "repolled_99pct_s": None}
+    r = {"target": 10, "workers": 1, "broadcast": b}
+    assert "not 99% polling again within 180 s" in million.table(r)
+    b["repolled_99pct_s"] = 145.2
+    assert "99% polling again after 145.2 s" in million.table(r)
+
+
 def test_hotpath_measures_both_paths_in_process(tmp_path):
     """make bench-hotpath, small: one run of each path, a CPU figure for each, with the
     caches written over before each call (--evict)."""
