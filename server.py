@@ -127,7 +127,9 @@ MAX_HEAD = 8192  # request head limit; over it is 431 (nginx's 8k header buffers
 # Accepts per call while draining (Worker.start_drain takes the whole backlog in one go).
 # The loop takes one per pass (Worker.accept).
 ACCEPTS_PER_TURN = 64
-LINK_READS_PER_TURN = 16  # link reads of LINK_READ_SIZE per turn, same reason
+# Link reads of LINK_READ_SIZE per loop turn, so that a flood of messages cannot hold back the
+# clients' events: the rest is read on the next turn (link_hot).
+LINK_READS_PER_TURN = 16
 LINK_READ_SIZE = 256 * 1024
 GARBAGE_MAX = 256 * 1024  # bytes a client may send after its request, in all, before it is closed
 BEAT_EVERY = 1024  # answers between two heartbeats inside one long pass (a broadcast, a sweep)
@@ -1957,7 +1959,8 @@ class Worker:
                 return
             if signalled:
                 self.read_signals()
-            if accept_ready:
+            # (A drain that began above took the backlog and shut the listener down.)
+            if accept_ready and not self.draining:
                 self.accept()
             now = time.monotonic()
             # While draining, every pass: a second signal, a poll that starts waiting, change

@@ -43,8 +43,7 @@ REQUEST = b"GET /h%d.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
 def queued(listener: socket.socket) -> int:
-    """Connections in the listener's accept queue (tcp_info's tcpi_unacked; written out, not
-    server.TCPI_UNACKED, which a --root checkout from before it lacks)."""
+    """Connections in the listener's accept queue (tcp_info's tcpi_unacked, Linux)."""
     info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
     return int.from_bytes(info[24:28], sys.byteorder)
 

@@ -318,7 +318,7 @@ def table(r: dict) -> str:
                       f"{b.get('time_to_all_s')} s (server CPU {b.get('server_cpu_s')} s); "
                       + (f"99% polling again after {b['repolled_99pct_s']} s"
                          if b.get("repolled_99pct_s") else
-                         "not 99% polling again within 180 s")),
+                         "not 99% polling again before the run stopped waiting")),
     ]
     return "\n".join(f"  {name:14} {value}" for name, value in rows)
 

@@ -349,6 +349,12 @@ def test_long_input_is_never_accepted_past_the_limit(pad, tail):
         assert used <= MAX_HEAD
 
 
+@pytest.mark.parametrize("byte", [bytes([b]) for b in range(256)])
+def test_each_byte_is_in_its_class_as_in_the_regex(byte):
+    assert (not byte.translate(None, TCHAR)) == bool(TOKEN_RE.fullmatch(byte))
+    assert (not byte.translate(None, VCHAR)) == bool(TARGET_RE.fullmatch(byte))
+
+
 @given(st.binary(max_size=24))
 def test_byte_classes_are_the_grammar(data):
     """`b and not b.translate(None, CLASS)`, as parse_request checks, is the regex exactly."""

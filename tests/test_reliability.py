@@ -136,6 +136,12 @@ def test_epoll_watch_limit_refuses_one_connection_and_keeps_serving(thread_worke
     tw.stop()
 
 
+def accept_queue(listener: socket.socket) -> int:
+    """Connections in a listener's accept queue: tcp_info's tcpi_unacked (Linux)."""
+    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    return int.from_bytes(info[24:28], sys.byteorder)
+
+
 class BrokenListener:
     def __init__(self, err: int):
         self.err, self.calls = err, 0
@@ -163,9 +169,7 @@ def test_accept_takes_one_a_pass_and_the_listener_stays_reported_while_more_wait
     w = tw.worker
     w.epoll.register(w.listen_fd, select.EPOLLIN)
     socks = [start_poll(tw.port, f"q{k}") for k in range(3)]
-    queue = lambda: int.from_bytes(tw.listener.getsockopt(  # noqa: E731
-        socket.IPPROTO_TCP, socket.TCP_INFO, 32)[24:28], sys.byteorder)  # tcpi_unacked
-    wait_until(lambda: queue() == 3, what="3 requests in the accept queue")
+    wait_until(lambda: accept_queue(tw.listener) == 3, what="3 requests in the accept queue")
     w.listener = counting = CountingListener(tw.listener)
     for k in range(3):
         assert (w.listen_fd, select.EPOLLIN) in w.epoll.poll(0)
@@ -186,10 +190,36 @@ def test_a_failing_listener_rests_instead_of_spinning(thread_worker, capsys, err
     w.accept()
     assert w.listener.calls == 1 and w.accept_paused_until > 0
     assert "accept failed" in capsys.readouterr().err
+    s = start_poll(tw.port, "p1")  # queued behind the real listener fd, which epoll watches
+    wait_until(lambda: accept_queue(tw.listener) == 1, what="a request in the accept queue")
+    assert w.epoll.poll(0) == []  # resting: not reported, so the loop cannot spin on it
     w.accept_paused_until = time.monotonic() - 1  # the rest is over: it tries again, once
     w.sweep(time.monotonic())
+    for _ in range(2):  # watched again, level-triggered: reported while one is queued
+        assert w.epoll.poll(0) == [(w.listen_fd, select.EPOLLIN)]
     w.accept()
     assert w.listener.calls == 2 and capsys.readouterr().err == ""  # logged once per 10 s
+    s.close()
+
+
+def test_a_drain_begun_in_a_pass_that_reports_the_listener_accepts_nothing_after_it(
+        thread_worker):
+    """SIGTERM and a queued connection in one epoll_wait: the drain takes the backlog and shuts
+    the listener down, and that pass must not accept again (it did: EINVAL from the shut
+    listener, then its pause met an fd epoll no longer had, and the worker died mid-drain)."""
+    tw = thread_worker("--drain", "0", start=False)
+    r, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    tw.worker.wake_fd = r  # what main() hands it: signal.set_wakeup_fd's pipe
+    s = start_poll(tw.port, "d1")
+    wait_until(lambda: accept_queue(tw.listener) == 1, what="a request in the accept queue")
+    os.write(wr, bytes([signal.SIGTERM]))
+    tw.start()
+    assert answer(s)[0] == 204  # taken from the backlog by the drain, and ended by it
+    tw.thread.join(5)
+    assert not tw.thread.is_alive() and tw.error is None, tw.error
+    os.close(r)
+    os.close(wr)
+    s.close()
 
 
 def test_an_aborted_connection_does_not_pause_the_listener(thread_worker):
