@@ -11,7 +11,7 @@
    says TARGET polls are waiting (confirmed, not the client's count).
 3. With every poll waiting: worker RSS and bytes per connection (RSS growth over the idle
    workers' RSS), kernel memory (/proc/meminfo Slab, /proc/net/sockstat TCP inuse and mem),
-   the server's CPU so far.
+   the server's CPU so far and the client's (it runs on the same cores).
 4. client.py sends --messages messages through the app port at --send-rate (binary frames),
    each to one of its waiting ids, and measures delivery (sent, received, lost, p50/p99 from the
    intended send time). Each answered poll re-polls, as a browser would.
@@ -113,6 +113,24 @@ def cpu_split(pids: list) -> tuple[float, float]:
             continue
         user += int(fields[11])
         system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def session_cpu(sid: int) -> tuple[float, float]:
+    """(utime, stime) of every process of session `sid` (client.py, started in a session of
+    its own, and its children), with what each has reaped of children that already exited."""
+    user = system = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[3]) == sid:  # field 6 of stat(5), the session id
+            user += int(fields[11]) + int(fields[13])
+            system += int(fields[12]) + int(fields[14])
     return user / CLK_TCK, system / CLK_TCK
 
 
@@ -225,6 +243,11 @@ def run(a) -> dict:
             (result["kernel_full"]["slab_bytes"] - kernel0["slab_bytes"])
             / max(1, t["waiting"]), 1)
         split = cpu_split(pids)
+        # The client on the same cores: the box's time to open is both sides' CPU over them.
+        client_split = session_cpu(client.pid)
+        result["client_cpu_open_s"] = round(sum(client_split), 2)
+        result["client_cpu_open_user_s"] = round(client_split[0], 2)
+        result["client_cpu_open_sys_s"] = round(client_split[1], 2)
         result["server_cpu_open_s"] = round(sum(split) - cpu0, 2)
         result["server_cpu_open_user_s"] = round(split[0] - split0[0], 2)
         result["server_cpu_open_sys_s"] = round(split[1] - split0[1], 2)
@@ -311,6 +334,9 @@ def table(r: dict) -> str:
                        f"{r.get('server_cpu_open_user_s', 0)}, sys "
                        f"{r.get('server_cpu_open_sys_s', 0)}), "
                        f"{r.get('server_cpu_messages_s', 0)} s for the messages"),
+        ("client CPU", f"{r.get('client_cpu_open_s', 0)} s to open (user "
+                       f"{r.get('client_cpu_open_user_s', 0)}, sys "
+                       f"{r.get('client_cpu_open_sys_s', 0)})"),
         ("delivery", f"sent {c.get('sent', 0):,}, received {c.get('received', 0):,}, lost "
                      f"{c.get('lost', 0):,}; p50 {lat.get('p50', 0)} ms, p99 "
                      f"{lat.get('p99', 0)} ms"),

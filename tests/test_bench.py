@@ -94,6 +94,9 @@ def test_million_with_a_small_target_reports_every_figure(tmp_path):
     assert data["waiting"] == 3000 and data["open_s"] > 0 and data["bytes_per_conn"] > 0
     assert data["server_cpu_open_user_s"] + data["server_cpu_open_sys_s"] == \
         pytest.approx(data["server_cpu_open_s"], abs=0.02)
+    assert data["client_cpu_open_s"] > 0  # client.py and its children, by session
+    assert data["client_cpu_open_user_s"] + data["client_cpu_open_sys_s"] == \
+        pytest.approx(data["client_cpu_open_s"], abs=0.02)
     assert data["series"] and data["kernel_full"]["tcp_inuse"] >= 3000
     c = data["client"]
     assert (c["sent"], c["received"], c["lost"]) == (300, 300, 0)
@@ -101,6 +104,7 @@ def test_million_with_a_small_target_reports_every_figure(tmp_path):
     b = data["broadcast"]
     assert b["status"] == 202 and b["written"] == b["waiting"] == 3000 and b["time_to_all_s"]
     assert "time to open" in out.with_suffix(".txt").read_text()
+    assert "client CPU" in out.with_suffix(".txt").read_text()
     # the figure's data: sampled past the ramp, the messages and the broadcast marked
     assert data["series"][-1]["t"] > data["marks"]["broadcast_t"] > data["marks"]["messages_t"]
     assert all("slab_bytes" in p and "rss_bytes" in p for p in data["series"])
