@@ -4,11 +4,14 @@
     .venv/bin/python bench/million.py [--target N] [--messages 100000] [--send-rate 10000]
                                       [--json FILE] [--max-time 570]
 
-1. Starts `manager.py --host 127.0.0.1` with the workers the open-file limit needs (each holds
-   at most RLIMIT_NOFILE - 64 connections: 20,000 here, so 1,000,000 takes 51 workers).
-2. Starts `client.py` for TARGET ids at full speed (`--rate 0`); it picks its own processes and
-   source addresses (127.0.0.x). Time to open is taken from the server's side: until /stats
-   says TARGET polls are waiting (confirmed, not the client's count).
+1. Starts `manager.py --host 127.0.0.1` with one worker per core, or more where the open-file
+   limit needs them (each holds at most RLIMIT_NOFILE - 64 connections: 20,000 here, so
+   1,000,000 takes 51 workers; under tuning/limits.conf's 1,048,576, 10,000,000 on 16 cores
+   takes 16).
+2. Starts `client.py` for TARGET ids at full speed (`--rate 0`) in as many processes (again one
+   per core, or what its open-file limit needs); it picks its own source addresses
+   (127.0.0.x). Time to open is taken from the server's side: until /stats says TARGET polls
+   are waiting (confirmed, not the client's count).
 3. With every poll waiting: worker RSS and bytes per connection (RSS growth over the idle
    workers' RSS), kernel memory (/proc/meminfo Slab, /proc/net/sockstat TCP inuse and mem),
    the server's CPU so far and the client's (it runs on the same cores).
@@ -56,6 +59,7 @@ from _common import (  # noqa: E402
 from figures import draw  # noqa: E402
 
 PER_WORKER_SPARE = 64  # fds a worker keeps for itself (listener, link, page, epoll, stdio...)
+CLIENT_SPARE = 100  # and a client process (client.py's FD_MARGIN)
 POLL_S = 0.5  # /stats period while the connections come in
 BROADCAST_POLL_S = 0.02
 
@@ -164,16 +168,22 @@ def stop(proc: subprocess.Popen, sig: int, wait: float) -> None:
 def run(a) -> dict:
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     per_worker = nofile - PER_WORKER_SPARE
-    workers = a.workers or math.ceil(a.target / per_worker)
+    # One process per core at least: a worker (or client process) holds one core at most, and
+    # with a high open-file limit the fd arithmetic alone would leave cores idle (10 for 16).
+    cores = os.cpu_count() or 1
+    workers = a.workers or max(cores, math.ceil(a.target / per_worker))
+    client_procs = a.client_procs or max(cores, math.ceil(a.target / (nofile - CLIENT_SPARE)))
     base_port = free_port_block(workers + 1)  # the app port right after the comet ports
     app_port = base_port + workers
     deadline = time.monotonic() + a.max_time
     result = {"bench": "million", "machine": machine(), "host": socket.gethostname(),
-              "target": a.target, "workers": workers, "nofile": nofile,
+              "target": a.target, "workers": workers, "client_procs": client_procs,
+              "nofile": nofile,
               "messages": a.messages, "send_rate": a.send_rate, "series": []}
     print(machine_line(result["machine"]))
-    print(f"target {a.target:,} polls: {workers} workers (open-file limit {nofile:,}), "
-          f"ports {base_port}-{base_port + workers - 1}, app port {app_port}", flush=True)
+    print(f"target {a.target:,} polls: {workers} workers and {client_procs} client processes "
+          f"(open-file limit {nofile:,}), ports {base_port}-{base_port + workers - 1}, app port "
+          f"{app_port}", flush=True)
     log = open(a.log, "w")
     manager = subprocess.Popen(
         [sys.executable, str(ROOT / "manager.py"), "--host", "127.0.0.1", "--workers",
@@ -202,7 +212,8 @@ def run(a) -> dict:
         client = subprocess.Popen(
             [sys.executable, str(ROOT / "client.py"), "m", "127.0.0.1", "--workers",
              str(workers), "--base-port", str(base_port), "--app-port", str(app_port),
-             "--conns", str(a.target), "--rate", "0", "--send", str(a.messages),
+             "--conns", str(a.target), "--procs", str(client_procs), "--rate", "0",
+             "--send", str(a.messages),
              "--send-rate", str(a.send_rate), "--hold", str(a.max_time),
              "--max-time", str(a.max_time), "--json", str(client_json)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -292,6 +303,12 @@ def run(a) -> dict:
                 repolled = time.monotonic() - t_b
                 break
             time.sleep(POLL_S)
+        # Connections the workers closed unanswered, by cause, over the whole run: in the
+        # re-poll storm a client too busy reading answers to send its next request in time
+        # shows here as closed_header_timeout (and as "closed" in the client's failures).
+        totals = stats(app_port)["totals"]
+        result["server_closed"] = {k[len("closed_"):]: v for k, v in totals.items()
+                                   if k.startswith("closed_")}
         result["broadcast"] = {"status": status, "waiting": waiting,
                                "written": s["totals"]["delivered"] - delivered,
                                "time_to_all_s": round(reached, 3) if reached else None,
@@ -319,7 +336,8 @@ def table(r: dict) -> str:
     k = r.get("kernel_full") or {}
     b = r.get("broadcast") or {}
     rows = [
-        ("target", f"{r['target']:,} polls, {r['workers']} workers"),
+        ("target", f"{r['target']:,} polls, {r['workers']} workers, "
+                   f"{r.get('client_procs', '?')} client processes"),
         ("time to open", f"{r['open_s']:.1f} s (all {r['target']:,} waiting per /stats)"
          if r.get("open_s") else f"not reached: peak {r.get('peak_waiting', 0):,} waiting"),
         ("connects/s", f"{r.get('connects_per_s', 0):,}"),
@@ -345,6 +363,10 @@ def table(r: dict) -> str:
                       + (f"99% polling again after {b['repolled_99pct_s']} s"
                          if b.get("repolled_99pct_s") else
                          "not 99% polling again before the run stopped waiting")),
+        ("closed", "by the server unanswered: " + (", ".join(
+            f"{k} {v:,}" for k, v in (r.get("server_closed") or {}).items() if v) or "none")
+         + "; the client's failures: " + (", ".join(
+            f"{k} {v:,}" for k, v in (c.get("failed") or {}).items() if v) or "none")),
     ]
     return "\n".join(f"  {name:14} {value}" for name, value in rows)
 
@@ -352,7 +374,10 @@ def table(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="the million-connection run, see the docstring")
     p.add_argument("--target", type=int, default=1_000_000)
-    p.add_argument("--workers", type=int, default=0, help="default: what the fd limit needs")
+    p.add_argument("--workers", type=int, default=0,
+                   help="default: one per core, or more where the open-file limit needs them")
+    p.add_argument("--client-procs", type=int, default=0,
+                   help="client.py's processes; default: as --workers")
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--send-rate", type=int, default=5_000)
     p.add_argument("--max-time", type=float, default=570.0)
