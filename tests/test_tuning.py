@@ -195,7 +195,8 @@ def test_target_exit_codes(tmp_path):
     report = build_report(read_box(root), target=1_000_000)
     assert [s.split(" allows ")[0] for s in report.short_of_target] == [
         "open files per process", "for 1,000,000 over 2 workers, each needs LimitNOFILE >= "
-        "500,016"]
+        "500,016; or, where the limit cannot be raised, at least 51 workers (manager.py "
+        "--workers 51)"]  # 1,000,000 / 19,984 per worker, rounded up
     # The same through the real command line, as a user runs it.
     run = lambda *a: subprocess.run([sys.executable, str(CHECK), "--root", root, *a],  # noqa: E731
                                     capture_output=True, text=True, timeout=30)

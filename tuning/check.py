@@ -41,14 +41,15 @@ from dataclasses import asdict, dataclass, field
 # is left for connections.
 WORKER_RESERVED_FDS = 16
 
-# Kernel memory per idle TCP socket. From the seed's slabtop at 494,950 open connections
-# (seed/megacomet-posts.txt): TCP 1.62K + sock_inode_cache 0.62K + dentry 0.19K + kmalloc-192
-# 0.19K + kmalloc-128 0.12K + blkdev_ioc 0.07K + kmalloc-64 0.06K = 2.87K per connection; the
-# slab total, 1,479,691K / 494,950 = 3.0K, plus the two caches under the top of that listing that
-# every socket also uses, filp (struct file, ~0.25K) and eventpoll_epi (~0.13K), is ~3.4 KB.
-# An idle socket has empty queues, so no buffer memory on top. Kernel only: the server's own
-# (Python) bytes per connection come on top; bench/memory.py measures those.
-KERNEL_BYTES_PER_IDLE_SOCKET = 3400
+# Kernel memory per idle TCP socket, measured: /proc/meminfo Slab growth while bench/million.py
+# opened its connections, over the sockets (two per loopback connection), Linux 6.18: 4,101 B
+# at 10,000,000 connections on a 16-core box (8,202 B per connection, both ends), 5,051 B at
+# 1,000,000 on the 2-core development box. The larger, as a cap should err: ~5.1 KB. (The seed's
+# slabtop at 494,950 connections on a 2011 kernel gave ~3.4 KB: TCP 1.62K, sock_inode_cache
+# 0.62K, dentry, filp, eventpoll_epi and kmallocs.) An idle socket has empty queues, so no
+# buffer memory on top. Kernel only: the server's own (Python) bytes per connection come on
+# top; bench/memory.py measures those.
+KERNEL_BYTES_PER_IDLE_SOCKET = 5100
 
 # tcp_mem is counted in pages of queued data, not in sockets: an idle socket charges nothing to
 # it, but a socket with anything queued charges at least one whole page (SK_MEM_QUANTUM, 4096
@@ -594,7 +595,11 @@ def build_report(box: Box, workers: int | None = None, client_processes: int | N
             report.short_of_target.append(
                 f"for {target:,} over {workers} workers, each needs LimitNOFILE >= {need:,}"
                 + (f" (above fs.nr_open {box.nr_open:,}: raise that first)"
-                   if box.nr_open is not None and need > box.nr_open else ""))
+                   if box.nr_open is not None and need > box.nr_open else "")
+                + (f"; or, where the limit cannot be raised, at least {more:,} workers "
+                   f"(manager.py --workers {more})"
+                   if box.nofile and (more := -(-target // max(1, per_worker_capacity(
+                       box.nofile[1])))) > workers else ""))
         if cap is None:
             report.notes.append(f"no limit could be read, so nothing shows {target:,} is "
                                 "out of reach; that is not a proof that it is in reach")
