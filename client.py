@@ -34,9 +34,12 @@ client picks 127.0.0.1, .2, ... itself when the count needs them.
 
 A connection's life, which is also the order of this file:
 
-    CONNECTING  socket(), [bind(source)], connect() -> EINPROGRESS; waits for EPOLLOUT
-    WAITING     SO_ERROR == 0: counted open; "GET /<id>.js" sent; waits for the answer, which
-                for a long poll may take hours: there is no read timeout, by design
+    CONNECTING  socket(), [bind(source)], connect() -> EINPROGRESS; then send() of the request
+                at once: on loopback the kernel ran the handshake inside connect(), so it goes
+                and the connection is WAITING; elsewhere EAGAIN, and it waits for EPOLLOUT
+    WAITING     connected (SO_ERROR == 0 on EPOLLOUT, or that send() went): counted open;
+                "GET /<id>.js" sent; waits for the answer, which for a long poll may take
+                hours: there is no read timeout, by design
     answer      200: a message (latency recorded); 204: the server's poll timeout. Either way the
                 id polls again at once on a new connection, as a browser does. 307: reconnect
                 once to the owner's port (with --hosts, on the host the Location names).
@@ -734,6 +737,7 @@ class Dest(NamedTuple):
     addr: str
     family: int
 EV_CONN = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+EV_WAIT = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET  # request sent: answers only
 
 
 class Conn:
@@ -822,16 +826,17 @@ class Child:
     def id_bytes(self, j: int) -> bytes:
         return b"%s%d" % (self.prefix, self.lo + j)
 
-    def connect(self, j: int, port: int, redirects: int, now: float) -> bool:
-        """Start one non-blocking connect to the id's host (dest_of) and `port`. False when it
-        failed at once (counted, retried)."""
+    def connect(self, j: int, port: int, redirects: int, now: float) -> Conn | None:
+        """Start one non-blocking connect to the id's host (dest_of) and `port`; its request
+        goes in send_requests() at the end of the turn. None when it failed at once (counted,
+        retried)."""
         dest = self.dests[self.dest_of[j]]
         try:
             sock = socket.socket(dest.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:
             self.count_error(e.errno)
             self.schedule_retry(j, port, now)
-            return False
+            return None
         try:
             if self.sources and dest.family == socket.AF_INET:     # sources are IPv4
                 # Port chosen at connect() time, per 4-tuple, not at bind() time per address.
@@ -844,27 +849,52 @@ class Child:
             sock.close()
             self.count_error(err)
             self.schedule_retry(j, port, now)
-            return False
+            return None
         conn = Conn(sock, j, port, redirects)
         self.conns[sock.fileno()] = conn
-        self.ep.register(sock.fileno(), EV_CONN)
         self.connecting += 1
-        self.timeouts.append((now + self.connect_timeout, conn))
-        if err == 0:                # loopback can finish at once
-            self.on_connected(conn, now)
-        return True
+        self.timeouts.append((now + self.connect_timeout, conn))  # moot once it is WAITING
+        return conn
+
+    def send_requests(self, started: list, now: float) -> None:
+        """The requests of this turn's connects, together, right after them. Loopback runs the
+        whole handshake inside connect(), so those sockets are up already: each request goes
+        now, and the connection is WAITING without an EPOLLOUT round (an event and a turn of
+        the loop fewer per connection; and in a storm of re-polls no request waits behind
+        thousands of answers in this process's ready list until the server's --header-timeout
+        closes it). Together, not one after each connect: the workers then find a turn's
+        connections queued at once (TCP_DEFER_ACCEPT queues one when its request comes) and
+        take them in one wake-up. Anywhere else send() says EAGAIN, and EPOLLOUT (or
+        EPOLLERR) says when."""
+        for conn in started:
+            out = self.request(conn)
+            try:
+                sent = conn.sock.send(out)
+            except BlockingIOError:
+                self.ep.register(conn.sock.fileno(), EV_CONN)
+                continue
+            except OSError as e:    # refused or reset already: what EPOLLERR would have said
+                self.count_errno(e.errno)
+                self.fail(conn, ERRNO_CAUSE.get(e.errno, "other"), now)
+                continue
+            self.count_open(conn, now)
+            conn.out = out[sent:]
+            self.ep.register(conn.sock.fileno(), EV_CONN if conn.out else EV_WAIT)
 
     def start_connects(self, now: float) -> None:
         """Re-polls first (a browser re-polls at once), then due retries, then new ids at the
-        ramp's rate; the last two only while fewer than MAX_CONNECTING are in flight."""
+        ramp's rate; the last two only while fewer than MAX_CONNECTING are in flight (a
+        connection counts as in flight until its request is sent). Then the turn's requests
+        (send_requests)."""
+        started = []
         while self.ready and not self.stop:
             j, port, redirects = self.ready.popleft()
-            self.connect(j, port, redirects, now)
+            if conn := self.connect(j, port, redirects, now):
+                started.append(conn)
         while self.retry and self.retry[0][0] <= now and self.connecting < MAX_CONNECTING:
             _, j, port = heapq.heappop(self.retry)
-            self.connect(j, port, 0, now)
-        if self.next_new >= self.n:
-            return
+            if conn := self.connect(j, port, 0, now):
+                started.append(conn)
         budget = self.n
         if self.rate:
             budget = int((now - self.ramp_t0) * self.rate) + 1 - self.next_new
@@ -874,8 +904,11 @@ class Child:
             budget -= 1
             self.plan_id(j)
             emfile = self.failed["EMFILE"]
-            if not self.connect(j, self.port_of[j], 0, now) and self.failed["EMFILE"] > emfile:
+            if conn := self.connect(j, self.port_of[j], 0, now):
+                started.append(conn)
+            elif self.failed["EMFILE"] > emfile:
                 break               # out of fds: stop for this turn, the retries will come
+        self.send_requests(started, now)
 
     def check_timeouts(self, now: float) -> None:
         while self.timeouts and self.timeouts[0][0] <= now:
@@ -886,6 +919,11 @@ class Child:
     # -- write: the request --------------------------------------------------------------------
 
     def on_connected(self, conn: Conn, now: float) -> None:
+        self.count_open(conn, now)
+        conn.out = self.request(conn)
+        self.flush(conn, now)
+
+    def count_open(self, conn: Conn, now: float) -> None:
         conn.state = WAITING
         self.connecting -= 1
         self.open += 1
@@ -896,14 +934,15 @@ class Child:
             self.last_first_open_t = now
         if self.sources and self.dests[self.dest_of[conn.j]].family == socket.AF_INET:
             self.per_source[self.src_of[conn.j]] += 1
+
+    def request(self, conn: Conn) -> bytes:
         id_ = self.id_bytes(conn.j)
         query = b""
         if self.key is not None:    # signed at each request, so a long run never expires
             exp = int(time.time()) + SIGN_TTL_S
             query = b"?exp=%d&sig=%s" % (exp, sign(self.key, id_, exp))
-        conn.out = b"GET /%s.js%s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (
+        return b"GET /%s.js%s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (
             id_, query, self.dests[self.dest_of[conn.j]].host, conn.port)
-        self.flush(conn, now)
 
     def flush(self, conn: Conn, now: float) -> None:
         try:

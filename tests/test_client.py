@@ -877,6 +877,9 @@ def test_a_server_that_never_accepts_gives_timeouts(tmp_path):
     import socket
     port = free_port_block(2)
     with socket.socket() as lsock:
+        # as free_port_block checked it: a TIME_WAIT left on the port by an earlier test
+        # would otherwise refuse the bind (EADDRINUSE, seen once in make test)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lsock.bind(("127.0.0.1", port))
         lsock.listen(1)         # never accepted: the queue fills, later SYNs are dropped
         out = tmp_path / "s.json"
@@ -969,3 +972,54 @@ def test_ctrl_c_stops_every_process_fast(manager_factory):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
+
+
+def test_on_loopback_a_turn_sends_its_requests_without_waiting_for_epollout():
+    """The kernel runs a loopback handshake inside connect(): the turn that starts the connects
+    sends their requests too, so each connection is open (WAITING) before the child polls once,
+    and the server's TCP_DEFER_ACCEPT listener hands each over with its request."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(64)
+    lst.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+    r, w = os.pipe()
+    child = client.Child(0, small_config(conns=5, base_port=lst.getsockname()[1]), 0, 5, -1, w)
+    try:
+        child.start_connects(time.monotonic())
+        assert (child.open, child.connecting, child.opened) == (5, 0, 5)
+        assert all(c.state == client.WAITING and c.out == b"" for c in child.conns.values())
+        lst.settimeout(5)
+        heads = []
+        for _ in range(5):
+            s, _ = lst.accept()
+            with s:
+                s.settimeout(0)  # already there: TCP_DEFER_ACCEPT queued it with its request
+                heads.append(s.recv(4096))
+        assert sorted(h.split(b" ")[1] for h in heads) == [b"/t%d.js" % i for i in range(5)]
+    finally:
+        for c in list(child.conns.values()):
+            child.close(c)
+        lst.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_a_refused_connect_is_counted_refused_and_retried_not_open():
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there now
+    r, w = os.pipe()
+    child = client.Child(0, small_config(conns=3, base_port=port), 0, 3, -1, w)
+    try:
+        child.start_connects(time.monotonic())
+        for _ in range(50):  # a refusal seen only as EPOLLERR comes with a poll
+            if child.failed["refused"] == 3:
+                break
+            for fd, ev in child.ep.poll(0.1):
+                child.on_event(child.conns[fd], ev, time.monotonic())
+        assert child.failed["refused"] == 3 and child.open == 0 and child.connecting == 0
+        assert len(child.retry) == 3 and not child.conns
+    finally:
+        os.close(r)
+        os.close(w)
