@@ -34,9 +34,10 @@ client picks 127.0.0.1, .2, ... itself when the count needs them.
 
 A connection's life, which is also the order of this file:
 
-    CONNECTING  socket(), [bind(source)], connect() -> EINPROGRESS; then send() of the request
-                at once: on loopback the kernel ran the handshake inside connect(), so it goes
-                and the connection is WAITING; elsewhere EAGAIN, and it waits for EPOLLOUT
+    CONNECTING  socket(), [bind(source)], connect() -> EINPROGRESS; waits for EPOLLOUT. A
+                re-poll sends its request at once instead: on loopback the kernel ran the
+                handshake inside connect(), so it goes and the connection is WAITING;
+                elsewhere send() says EAGAIN, and it waits for EPOLLOUT too
     WAITING     connected (SO_ERROR == 0 on EPOLLOUT, or that send() went): counted open;
                 "GET /<id>.js" sent; waits for the answer, which for a long poll may take
                 hours: there is no read timeout, by design
@@ -827,9 +828,9 @@ class Child:
         return b"%s%d" % (self.prefix, self.lo + j)
 
     def connect(self, j: int, port: int, redirects: int, now: float) -> Conn | None:
-        """Start one non-blocking connect to the id's host (dest_of) and `port`; its request
-        goes in send_requests() at the end of the turn. None when it failed at once (counted,
-        retried)."""
+        """Start one non-blocking connect to the id's host (dest_of) and `port`, not yet
+        registered with epoll (the caller does, or send_requests()). None when it failed at
+        once (counted, retried)."""
         dest = self.dests[self.dest_of[j]]
         try:
             sock = socket.socket(dest.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -857,20 +858,21 @@ class Child:
         return conn
 
     def send_requests(self, started: list, now: float) -> None:
-        """The requests of this turn's connects, together, right after them. Loopback runs the
-        whole handshake inside connect(), so those sockets are up already: each request goes
-        now, and the connection is WAITING without an EPOLLOUT round (an event and a turn of
-        the loop fewer per connection; and in a storm of re-polls no request waits behind
-        thousands of answers in this process's ready list until the server's --header-timeout
-        closes it). Together, not one after each connect: the workers then find a turn's
-        connections queued at once (TCP_DEFER_ACCEPT queues one when its request comes) and
-        take them in one wake-up. Anywhere else send() says EAGAIN, and EPOLLOUT (or
-        EPOLLERR) says when."""
+        """The requests of this turn's re-polls, together, right after their connects, as a
+        browser sends one once connected. Loopback runs the whole handshake inside connect(),
+        so those sockets are up already: each request goes now, and the connection is WAITING
+        without an EPOLLOUT round. After a broadcast that round came behind thousands of
+        answers in this process's ready list, late enough for the server's --header-timeout
+        to close the connection first. Together, not one after each connect: the workers then
+        find the turn's connections queued at once (TCP_DEFER_ACCEPT queues one when its
+        request comes). Anywhere else send() says EAGAIN, and EPOLLOUT (or EPOLLERR) says
+        when."""
         for conn in started:
             out = self.request(conn)
             try:
                 sent = conn.sock.send(out)
             except BlockingIOError:
+                conn.out = out      # built (and signed) once: on_connected sends it
                 self.ep.register(conn.sock.fileno(), EV_CONN)
                 continue
             except OSError as e:    # refused or reset already: what EPOLLERR would have said
@@ -882,19 +884,21 @@ class Child:
             self.ep.register(conn.sock.fileno(), EV_CONN if conn.out else EV_WAIT)
 
     def start_connects(self, now: float) -> None:
-        """Re-polls first (a browser re-polls at once), then due retries, then new ids at the
-        ramp's rate; the last two only while fewer than MAX_CONNECTING are in flight (a
-        connection counts as in flight until its request is sent). Then the turn's requests
-        (send_requests)."""
+        """Re-polls first (a browser re-polls at once), their requests sent together right
+        after (send_requests); then due retries, then new ids at the ramp's rate, only while
+        fewer than MAX_CONNECTING are in flight. Those two wait for EPOLLOUT before their
+        request: that round, a turn of this loop, is what paces a full-speed ramp to what
+        the workers take (sending at once made the million's ramp slower, see README)."""
         started = []
         while self.ready and not self.stop:
             j, port, redirects = self.ready.popleft()
             if conn := self.connect(j, port, redirects, now):
                 started.append(conn)
+        self.send_requests(started, now)
         while self.retry and self.retry[0][0] <= now and self.connecting < MAX_CONNECTING:
             _, j, port = heapq.heappop(self.retry)
             if conn := self.connect(j, port, 0, now):
-                started.append(conn)
+                self.ep.register(conn.sock.fileno(), EV_CONN)
         budget = self.n
         if self.rate:
             budget = int((now - self.ramp_t0) * self.rate) + 1 - self.next_new
@@ -905,10 +909,9 @@ class Child:
             self.plan_id(j)
             emfile = self.failed["EMFILE"]
             if conn := self.connect(j, self.port_of[j], 0, now):
-                started.append(conn)
+                self.ep.register(conn.sock.fileno(), EV_CONN)
             elif self.failed["EMFILE"] > emfile:
                 break               # out of fds: stop for this turn, the retries will come
-        self.send_requests(started, now)
 
     def check_timeouts(self, now: float) -> None:
         while self.timeouts and self.timeouts[0][0] <= now:
@@ -920,7 +923,7 @@ class Child:
 
     def on_connected(self, conn: Conn, now: float) -> None:
         self.count_open(conn, now)
-        conn.out = self.request(conn)
+        conn.out = conn.out or self.request(conn)
         self.flush(conn, now)
 
     def count_open(self, conn: Conn, now: float) -> None:

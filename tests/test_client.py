@@ -974,19 +974,28 @@ def test_ctrl_c_stops_every_process_fast(manager_factory):
             p.communicate()
 
 
-def test_on_loopback_a_turn_sends_its_requests_without_waiting_for_epollout():
-    """The kernel runs a loopback handshake inside connect(): the turn that starts the connects
+def test_on_loopback_a_turn_sends_its_re_polls_requests_without_waiting_for_epollout():
+    """The kernel runs a loopback handshake inside connect(): the turn that starts the re-polls
     sends their requests too, so each connection is open (WAITING) before the child polls once,
-    and the server's TCP_DEFER_ACCEPT listener hands each over with its request."""
+    and the server's TCP_DEFER_ACCEPT listener hands each over with its request. (After a
+    broadcast, a request that waited for its EPOLLOUT behind thousands of answers was closed by
+    the server's --header-timeout.) A new id of the ramp still waits for EPOLLOUT."""
     lst = socket.socket()
     lst.bind(("127.0.0.1", 0))
     lst.listen(64)
     lst.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
     r, w = os.pipe()
-    child = client.Child(0, small_config(conns=5, base_port=lst.getsockname()[1]), 0, 5, -1, w)
+    child = client.Child(0, small_config(conns=6, base_port=lst.getsockname()[1]), 0, 6, -1, w)
     try:
+        for j in range(5):  # ids 0-4 were open once and got their answer: re-polls
+            child.plan_id(j)
+            child.ready.append((j, child.port_of[j], 0))
+        child.next_new = 5  # id 5 is the ramp's
         child.start_connects(time.monotonic())
-        assert (child.open, child.connecting, child.opened) == (5, 0, 5)
+        assert (child.open, child.connecting, child.opened) == (5, 1, 5)
+        ramp = [c for c in child.conns.values() if c.j == 5]
+        assert len(ramp) == 1 and ramp[0].state == client.CONNECTING
+        child.close(ramp[0])
         assert all(c.state == client.WAITING and c.out == b"" for c in child.conns.values())
         lst.settimeout(5)
         heads = []
