@@ -28,18 +28,24 @@ sysctls() {
         [[ -e /proc/sys/$k ]] && echo "  $k = $(tr '\t' ' ' < /proc/sys/$k)"
     done
 }
+# The open-file limit up to tuning/limits.conf's 1,048,576, never down (a box may allow more);
+# where even root may not raise it (a container), million.py sizes itself from what is left.
+raise_nofile() {
+    local want=1048576
+    if (( $(ulimit -Hn) < want )); then ulimit -Hn $want || return 0; fi
+    ulimit -Sn "$(ulimit -Hn)"
+}
 {
     echo "== the box"
     date -u; uname -r; echo "cores $(nproc)"; grep -m1 'model name' /proc/cpuinfo; free -g
     $PY -V; echo "nofile $(ulimit -Sn)/$(ulimit -Hn)"; sysctls
     echo "== tuning/apply.sh"
     tuning/apply.sh
-    ulimit -Hn 1048576 && ulimit -Sn 1048576
+    raise_nofile
     echo "nofile now $(ulimit -Sn)/$(ulimit -Hn)"
     echo "== tuning/check.py --target $TARGET (after apply.sh)"
     $PY tuning/check.py --target "$TARGET"
 } > "$SETUP" 2>&1
-ulimit -Hn 1048576 2>/dev/null && ulimit -Sn 1048576 2>/dev/null
 
 # at_least KEY VALUE: the last field of /proc/sys/KEY raised to VALUE (the others kept).
 at_least() {
@@ -68,10 +74,10 @@ at_least() {
            "$(grep '^TCP:' /proc/net/sockstat)"
   done ) > "$DIR/mem.txt" 2>&1 &
 SAMPLER=$!
+trap 'kill $SAMPLER 2>/dev/null' EXIT  # also on Ctrl-C or an early exit
 $PY bench/million.py --target "$TARGET" --max-time "${MAX_TIME:-450}" \
     --json "$DIR/million-big.json" --log "$DIR/million.log" 2>&1 | tee "$DIR/run.txt"
 rc=${PIPESTATUS[0]}
-kill $SAMPLER
 { echo "== dmesg (last 40 lines)"; dmesg 2>&1 | tail -n 40; } >> "$DIR/mem.txt"
 rm -f "$DIR/million-big.txt"  # the same table is in run.txt
 exit "$rc"

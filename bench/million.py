@@ -171,8 +171,8 @@ def run(a) -> dict:
     # One process per core at least: a worker (or client process) holds one core at most, and
     # with a high open-file limit the fd arithmetic alone would leave cores idle (10 for 16).
     cores = os.cpu_count() or 1
-    workers = a.workers or max(cores, math.ceil(a.target / per_worker))
-    client_procs = a.client_procs or max(cores, math.ceil(a.target / (nofile - CLIENT_SPARE)))
+    workers = a.workers or max(cores, math.ceil(a.target / max(1, per_worker)))
+    client_procs = a.client_procs or max(cores, math.ceil(a.target / max(1, nofile - CLIENT_SPARE)))
     base_port = free_port_block(workers + 1)  # the app port right after the comet ports
     app_port = base_port + workers
     deadline = time.monotonic() + a.max_time
@@ -363,7 +363,7 @@ def table(r: dict) -> str:
                       + (f"99% polling again after {b['repolled_99pct_s']} s"
                          if b.get("repolled_99pct_s") else
                          "not 99% polling again before the run stopped waiting")),
-        ("closed", "by the server unanswered: " + (", ".join(
+        ("closed", "unanswered, by the workers' cause: " + (", ".join(
             f"{k} {v:,}" for k, v in (r.get("server_closed") or {}).items() if v) or "none")
          + "; the client's failures: " + (", ".join(
             f"{k} {v:,}" for k, v in (c.get("failed") or {}).items() if v) or "none")),
@@ -377,7 +377,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0,
                    help="default: one per core, or more where the open-file limit needs them")
     p.add_argument("--client-procs", type=int, default=0,
-                   help="client.py's processes; default: as --workers")
+                   help="client.py's processes; default: one per core, or more where the "
+                        "open-file limit needs them (its own count: client.py keeps 100 fds)")
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--send-rate", type=int, default=5_000)
     p.add_argument("--max-time", type=float, default=570.0)
