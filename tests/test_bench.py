@@ -105,6 +105,10 @@ def test_million_with_a_small_target_reports_every_figure(tmp_path):
     assert b["status"] == 202 and b["written"] == b["waiting"] == 3000 and b["time_to_all_s"]
     assert "time to open" in out.with_suffix(".txt").read_text()
     assert "client CPU" in out.with_suffix(".txt").read_text()
+    # the workers' unanswered closes by cause: none in a run this small
+    assert data["server_closed"]["header_timeout"] == 0 and "reset" in data["server_closed"]
+    assert "closed         unanswered, by the workers' cause: none" in \
+        out.with_suffix(".txt").read_text()
     # the figure's data: sampled past the ramp, the messages and the broadcast marked
     assert data["series"][-1]["t"] > data["marks"]["broadcast_t"] > data["marks"]["messages_t"]
     assert all("slab_bytes" in p and "rss_bytes" in p for p in data["series"])

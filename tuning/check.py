@@ -592,14 +592,15 @@ def build_report(box: Box, workers: int | None = None, client_processes: int | N
         need = -(-target // workers) + WORKER_RESERVED_FDS
         if any(r.key == "RLIMIT_NOFILE" and r.server is not None and r.server < target
                for r in rows):
-            report.short_of_target.append(
-                f"for {target:,} over {workers} workers, each needs LimitNOFILE >= {need:,}"
-                + (f" (above fs.nr_open {box.nr_open:,}: raise that first)"
-                   if box.nr_open is not None and need > box.nr_open else "")
-                + (f"; or, where the limit cannot be raised, at least {more:,} workers "
-                   f"(manager.py --workers {more})"
-                   if box.nofile and (more := -(-target // max(1, per_worker_capacity(
-                       box.nofile[1])))) > workers else ""))
+            fix = f"for {target:,} over {workers} workers, each needs LimitNOFILE >= {need:,}"
+            if box.nr_open is not None and need > box.nr_open:
+                fix += f" (above fs.nr_open {box.nr_open:,}: raise that first)"
+            # Where the limit is fixed (a container, a shared box): more processes instead.
+            more = -(-target // max(1, per_worker_capacity(box.nofile[1]))) if box.nofile else 0
+            if more > workers:
+                fix += (f"; or, where the limit cannot be raised, at least {more:,} workers "
+                        f"(manager.py --workers {more})")
+            report.short_of_target.append(fix)
         if cap is None:
             report.notes.append(f"no limit could be read, so nothing shows {target:,} is "
                                 "out of reach; that is not a proof that it is in reach")
