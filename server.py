@@ -126,7 +126,7 @@ EXIT_BOOT_ERROR = 3  # "cannot even start": the manager stops instead of restart
 MAX_HEAD = 8192  # request head limit; over it is 431 (nginx's 8k header buffers, node's old 8 KiB)
 # Accepts per call while draining (Worker.start_drain takes the whole backlog in one go).
 # The loop takes one per pass (Worker.accept).
-ACCEPTS_PER_TURN = 64
+ACCEPTS_PER_DRAIN_CALL = 64
 # Link reads of LINK_READ_SIZE per loop turn, so that a flood of messages cannot hold back the
 # clients' events: the rest is read on the next turn (link_hot).
 LINK_READS_PER_TURN = 16
@@ -1148,9 +1148,9 @@ class Worker:
         asked of the kernel (tcp_info), each of which cost a worker woken at a trickle more
         than a pass does (bench/hotpath.py --evict); a burst pays a pass per connection
         instead, which also lets the link's messages in between. `until_eagain`: up to
-        ACCEPTS_PER_TURN, to the EAGAIN; True if it stopped at that cap (more may wait)."""
+        ACCEPTS_PER_DRAIN_CALL, to the EAGAIN; True if it stopped at that cap (more may wait)."""
         listener, state, fds, count = self.listener, self.state, self.fds, self.count
-        for _ in range(ACCEPTS_PER_TURN if until_eagain else 1):
+        for _ in range(ACCEPTS_PER_DRAIN_CALL if until_eagain else 1):
             try:
                 # socket.accept() would wrap the fd in a socket object we would throw away.
                 fd, peer = listener._accept()

@@ -1029,6 +1029,17 @@ def test_a_refused_connect_is_counted_refused_and_retried_not_open():
                 child.on_event(child.conns[fd], ev, time.monotonic())
         assert child.failed["refused"] == 3 and child.open == 0 and child.connecting == 0
         assert len(child.retry) == 3 and not child.conns
+        # Re-polls send at once: there the refusal comes from that send() (send_requests).
+        for j in range(3):
+            child.ready.append((j, port, 0))
+        child.start_connects(time.monotonic())
+        for _ in range(50):
+            if child.failed["refused"] == 6:
+                break
+            for fd, ev in child.ep.poll(0.1):
+                child.on_event(child.conns[fd], ev, time.monotonic())
+        assert child.failed["refused"] == 6 and child.open == 0 and child.connecting == 0
+        assert len(child.retry) == 6 and not child.conns and child.errnos["ECONNREFUSED"] >= 3
     finally:
         os.close(r)
         os.close(w)

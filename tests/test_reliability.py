@@ -230,7 +230,7 @@ def test_an_aborted_connection_does_not_pause_the_listener(thread_worker):
     w.accept()
     assert w.listener.calls == 1 and not w.accept_paused_until
     assert w.accept(until_eagain=True) is True  # the drain's: on to the cap, still not paused
-    assert w.listener.calls == 1 + server.ACCEPTS_PER_TURN and not w.accept_paused_until
+    assert w.listener.calls == 1 + server.ACCEPTS_PER_DRAIN_CALL and not w.accept_paused_until
 
 
 @pytest.mark.parametrize("limit", [resource.RLIM_INFINITY, 1_073_741_816, 1_048_576])
